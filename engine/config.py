@@ -1,0 +1,184 @@
+"""The merge configuration: one YAML file, validated into a `MergeConfig`.
+
+    base: path/to/base            # HF model folder, .safetensors file or torch state_dict file
+    experts:                      # one entry per task expert, in task order
+      - name: noun                # task name (default: the path's stem), unique
+        path: path/to/expert      # same formats as base
+        weight: 1.0               # optional per-expert override of method.weight
+        density: 0.5              # optional per-expert override of method.density
+    method:
+      name: ties                  # average | task_arithmetic | ties | dare_linear | dare_ties
+      density: 0.5                # method parameters, see `supermerge methods`
+      lambda: 1.0
+    heads: ["classifier.*"]       # globs of task-specific tensors, never merged
+    output: path/to/merged        # output folder (must not exist unless --overwrite)
+    dtype: null                   # output dtype: float32 | bfloat16 | float16 (null: base's)
+    device: cpu                   # where the math runs: cpu | cuda | cuda:N
+    shard_size: 2GB               # max bytes per output shard (B, KB, MB, GB)
+    seed: 0                       # seeds random methods (DARE), per expert and tensor
+
+Relative paths are resolved against the YAML file's folder.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from supermerge.errors import ConfigError, InputError
+from supermerge.methods import build_method
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOP_LEVEL = {
+    "base",
+    "experts",
+    "method",
+    "heads",
+    "output",
+    "dtype",
+    "device",
+    "shard_size",
+    "seed",
+}
+EXPERT_FIELDS = {"name", "path", "weight", "density"}
+SIZE_UNITS = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+
+
+@dataclass
+class ExpertSpec:
+    """One expert entry: task name, checkpoint path and per-expert method overrides."""
+
+    name: str
+    path: Path
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MergeConfig:
+    """A validated merge configuration (see the module docstring for the YAML)."""
+
+    base: Path
+    experts: list[ExpertSpec]
+    method: str
+    method_params: dict[str, Any]
+    output: Path
+    heads: list[str] = field(default_factory=list)
+    dtype: torch.dtype | None = None
+    device: str = "cpu"
+    shard_size: int = 2 * 2**30
+    seed: int = 0
+    source: Path | None = None
+
+    def expert_entries(self) -> list[dict[str, Any]]:
+        """Experts as mappings (name + overrides), the shape `build_method` takes."""
+        return [{"name": e.name, **e.overrides} for e in self.experts]
+
+
+def parse_size(value: Any, where: str, source: Path | None = None) -> int:
+    """'2GB' / '512MB' / 1048576 -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B?)\s*", str(value).upper())
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(where, f"expected a size like 2GB or 512MB, got {value!r}", source)
+    unit = match.group(2) if match.group(2).endswith("B") or not match.group(2) else match.group(2) + "B"
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
+
+
+def _require(raw: dict, key: str, kind: type | tuple[type, ...], where: str, source: Path | None):
+    if key not in raw or raw[key] is None:
+        raise ConfigError(where, "missing required field", source)
+    if not isinstance(raw[key], kind):
+        raise ConfigError(where, f"expected {getattr(kind, '__name__', kind)}, got {raw[key]!r}", source)
+    return raw[key]
+
+
+def config_from_dict(raw: Any, root: Path, source: Path | None = None) -> MergeConfig:
+    """Validate a parsed YAML mapping into a MergeConfig; paths resolve against `root`."""
+    if not isinstance(raw, dict):
+        raise ConfigError("<top>", "the config must be a mapping", source)
+    for key in raw:
+        if key not in TOP_LEVEL:
+            raise ConfigError(key, f"unknown field (known: {', '.join(sorted(TOP_LEVEL))})", source)
+
+    def path(value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else root / p
+
+    base = path(_require(raw, "base", str, "base", source))
+    experts_raw = _require(raw, "experts", list, "experts", source)
+    if not experts_raw:
+        raise ConfigError("experts", "needs at least one expert", source)
+    experts: list[ExpertSpec] = []
+    for i, entry in enumerate(experts_raw):
+        where = f"experts[{i}]"
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict):
+            raise ConfigError(where, "expected a mapping with 'path' (and 'name')", source)
+        for key in entry:
+            if key not in EXPERT_FIELDS:
+                raise ConfigError(
+                    f"{where}.{key}",
+                    f"unknown field (known: {', '.join(sorted(EXPERT_FIELDS))})",
+                    source,
+                )
+        p = path(_require(entry, "path", str, f"{where}.path", source))
+        name = str(entry.get("name") or p.stem)
+        if name in {e.name for e in experts}:
+            raise ConfigError(f"{where}.name", f"duplicate expert name '{name}'", source)
+        overrides = {k: v for k, v in entry.items() if k in ("weight", "density")}
+        experts.append(ExpertSpec(name, p, overrides))
+
+    method_raw = _require(raw, "method", (dict, str), "method", source)
+    if isinstance(method_raw, str):
+        method_raw = {"name": method_raw}
+    method = _require(method_raw, "name", str, "method.name", source)
+    method_params = {k: v for k, v in method_raw.items() if k != "name"}
+    try:  # validate the method and its parameters now, not after the first tensor
+        build_method(method, method_params, [{"name": e.name, **e.overrides} for e in experts])
+    except ConfigError as e:
+        raise ConfigError(e.field, e.message, source) from None
+
+    heads = raw.get("heads") or []
+    if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
+        raise ConfigError("heads", "expected a list of name patterns", source)
+    dtype_name = raw.get("dtype")
+    if dtype_name is not None and dtype_name not in DTYPES:
+        raise ConfigError("dtype", f"unknown dtype {dtype_name!r} (known: {', '.join(DTYPES)})", source)
+    device = str(raw.get("device", "cpu"))
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ConfigError("device", f"expected cpu, cuda or cuda:N, got {device!r}", source)
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError("seed", f"expected an integer, got {seed!r}", source)
+    return MergeConfig(
+        base=base,
+        experts=experts,
+        method=method,
+        method_params=method_params,
+        output=path(_require(raw, "output", str, "output", source)),
+        heads=heads,
+        dtype=DTYPES[dtype_name] if dtype_name else None,
+        device=device,
+        shard_size=parse_size(raw.get("shard_size", "2GB"), "shard_size", source),
+        seed=seed,
+        source=source,
+    )
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Read and validate a merge YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise InputError(path, f"not valid YAML ({str(e).splitlines()[0]})") from None
+    return config_from_dict(raw, path.parent.resolve(), source=path)

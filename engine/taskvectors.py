@@ -1,0 +1,160 @@
+"""Task vectors tau(i, j) = expert_i(j) - base(j), computed lazily tensor by tensor.
+
+`TaskVectorSource` checks compatibility of the base and all experts up front (tensor names,
+shapes, dtypes, architecture fields of config.json) and then yields, per mergeable tensor, the
+base and the k task vectors in the accumulation dtype (fp32), cast to the storage dtype when asked.
+Tensors matching the user's head patterns are task-specific: they are never merged and may
+differ in shape or be absent from the base. Non-float tensors (integer buffers such as
+`position_ids`) are not weights: they are carried from the base and need not be in the experts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from supermerge.checkpoint import Checkpoint
+from supermerge.errors import InputError
+
+# config.json fields that fix the architecture: experts must agree with the base on these.
+ARCHITECTURE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "head_dim",
+    "d_model",
+    "num_layers",
+    "n_embd",
+    "n_layer",
+    "n_head",
+)
+
+
+@dataclass
+class Expert:
+    """One fine-tuned model to merge: a task name and its checkpoint."""
+
+    name: str
+    checkpoint: Checkpoint
+
+
+def is_head(name: str, head_patterns: Sequence[str]) -> bool:
+    """True if tensor `name` matches any glob in `head_patterns` (task-specific, not merged)."""
+    return any(fnmatch.fnmatchcase(name, p) for p in head_patterns)
+
+
+def check_finite(tensor: torch.Tensor, checkpoint: Checkpoint, name: str) -> None:
+    """Raise InputError naming the file and tensor if `tensor` holds NaN or Inf."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+        raise InputError(checkpoint.infos[name].file, f"weight contains {bad}", name)
+
+
+class TaskVectorSource:
+    """The base model and k experts, read as task vectors one tensor at a time.
+
+    Args:
+        base: the shared base checkpoint.
+        experts: the fine-tuned experts, in task order.
+        head_patterns: globs of task-specific tensor names (never merged).
+        storage_dtype: dtype task vectors are returned in (None: fp32, the accumulation dtype).
+        check_finite_values: reject NaN / Inf in base and expert weights as they are read.
+
+    Raises:
+        InputError: at construction, for any incompatibility (missing or extra tensor, shape
+            or dtype mismatch, architecture mismatch), naming the expert file and tensor.
+    """
+
+    def __init__(
+        self,
+        base: Checkpoint,
+        experts: Sequence[Expert],
+        head_patterns: Sequence[str] = (),
+        storage_dtype: torch.dtype | None = None,
+        check_finite_values: bool = True,
+    ) -> None:
+        if not experts:
+            raise InputError(base.path, "no experts to merge")
+        self.base = base
+        self.experts = list(experts)
+        self.head_patterns = tuple(head_patterns)
+        self.storage_dtype = storage_dtype or torch.float32
+        self.check_finite_values = check_finite_values
+        self.names = [n for n in base.names if self.mergeable(base, n)]
+        self.bytes_read = 0
+        for expert in self.experts:
+            self._check_compatible(expert)
+
+    def mergeable(self, checkpoint: Checkpoint, name: str) -> bool:
+        """True for a float tensor that is not a task-specific head."""
+        return checkpoint.infos[name].dtype.is_floating_point and not is_head(name, self.head_patterns)
+
+    @property
+    def k(self) -> int:
+        return len(self.experts)
+
+    def _check_compatible(self, expert: Expert) -> None:
+        ckpt = expert.checkpoint
+        if self.base.config is not None and ckpt.config is not None:
+            for field in ARCHITECTURE_FIELDS:
+                a, b = self.base.config.get(field), ckpt.config.get(field)
+                if a != b:
+                    raise InputError(
+                        ckpt.path / "config.json",
+                        f"architecture mismatch: field '{field}' is {b!r}, base has {a!r}",
+                    )
+        for name in self.names:
+            if name not in ckpt:
+                raise InputError(ckpt.path, "missing tensor (present in base)", name)
+            got, want = ckpt.infos[name], self.base.infos[name]
+            if got.shape != want.shape:
+                raise InputError(
+                    got.file, f"shape mismatch: {list(got.shape)} vs base {list(want.shape)}", name
+                )
+            if got.dtype != want.dtype:
+                raise InputError(got.file, f"dtype mismatch: {got.dtype} vs base {want.dtype}", name)
+        for name in ckpt.names:
+            if name not in self.base and self.mergeable(ckpt, name):
+                raise InputError(
+                    ckpt.infos[name].file,
+                    "tensor not in base (mark it as a task-specific head if it is one)",
+                    name,
+                )
+
+    def _read(self, checkpoint: Checkpoint, name: str) -> torch.Tensor:
+        tensor = checkpoint.read(name)
+        self.bytes_read += checkpoint.infos[name].nbytes
+        if self.check_finite_values:
+            check_finite(tensor, checkpoint, name)
+        return tensor
+
+    def read_base(self, name: str) -> torch.Tensor:
+        """Base tensor `name` in fp32."""
+        return self._read(self.base, name).float()
+
+    def task_vectors(self, name: str, base: torch.Tensor) -> list[torch.Tensor]:
+        """The k task vectors of tensor `name`, each (expert - base) in fp32, cast to storage dtype.
+
+        Args:
+            name: a mergeable tensor name (in `self.names`).
+            base: the fp32 base tensor of `name` (from `read_base`).
+        Returns:
+            k tensors shaped like `base`, one expert read at a time.
+        """
+        return [(self._read(e.checkpoint, name).float() - base).to(self.storage_dtype) for e in self.experts]
+
+    def heads(self, expert: Expert) -> dict[str, torch.Tensor]:
+        """The task-specific tensors of one expert (names matching the head patterns)."""
+        return {
+            n: self._read(expert.checkpoint, n)
+            for n in expert.checkpoint.names
+            if is_head(n, self.head_patterns)
+        }

@@ -1,0 +1,138 @@
+"""Write a merged model as sharded safetensors with an index, atomically.
+
+Tensors are added one at a time and flushed to a shard file whenever the shard reaches
+`max_shard_bytes`, so at most one shard of output is held in memory. Everything is written to
+a temporary folder beside the output and renamed into place by `commit()`; on failure the
+temporary folder is removed and nothing appears at the output path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from types import TracebackType
+
+import torch
+from safetensors.torch import save_file
+
+from supermerge.errors import SupermergeError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+def prepare_output(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing output path unless `overwrite`; check its parent exists."""
+    if out_dir.exists() and not overwrite:
+        raise SupermergeError(f"{out_dir}: output folder exists (pass --overwrite to replace it)")
+    if not out_dir.parent.is_dir():
+        raise SupermergeError(f"{out_dir.parent}: parent folder of the output does not exist")
+
+
+class ShardedWriter:
+    """Streams tensors into `model-0000i-of-0000N.safetensors` shards under a temporary folder.
+
+    Use as a context manager: leaving the block without `commit()` (an exception) removes
+    the temporary folder.
+
+    Args:
+        out_dir: final output folder; created by `commit()`.
+        max_shard_bytes: flush a shard once it holds at least this many bytes.
+        overwrite: replace an existing `out_dir` at commit time.
+    """
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int, overwrite: bool = False) -> None:
+        prepare_output(out_dir, overwrite)
+        self.out_dir = out_dir
+        self.max_shard_bytes = max_shard_bytes
+        self.overwrite = overwrite
+        self.tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+        if self.tmp_dir.exists():
+            shutil.rmtree(self.tmp_dir)
+        self.tmp_dir.mkdir()
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []
+        self.tensor_bytes = 0
+        self.extra_bytes = 0
+        self._committed = False
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._committed:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes of tensors and extra files written, counting tensors queued for the open shard."""
+        return self.tensor_bytes + self._pending_bytes + self.extra_bytes
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of output held in memory, waiting for the current shard to fill."""
+        return self._pending_bytes
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor (copied to contiguous CPU memory) for the current shard."""
+        tensor = tensor.detach().to("cpu").contiguous()
+        self._pending[name] = tensor
+        self._pending_bytes += tensor.numel() * tensor.element_size()
+        if self._pending_bytes >= self.max_shard_bytes:
+            self._flush()
+
+    def write_file(self, relative: str, data: bytes) -> None:
+        """Write an extra file (config, coefficients, ...) into the output folder."""
+        target = self.tmp_dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        self.extra_bytes += len(data)
+
+    def copy_file(self, source: Path, relative: str | None = None) -> None:
+        """Copy a file (e.g. the base's config.json or tokenizer) into the output folder."""
+        target = self.tmp_dir / (relative or source.name)
+        shutil.copyfile(source, target)
+        self.extra_bytes += target.stat().st_size
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        index = len(self._shards)
+        save_file(self._pending, str(self.tmp_dir / f"shard-{index:05d}.tmp"), {"format": "pt"})
+        self._shards.append(list(self._pending))
+        self.tensor_bytes += self._pending_bytes
+        self._pending = {}
+        self._pending_bytes = 0
+
+    def commit(self) -> Path:
+        """Flush, name the shards, write the index and move the folder into place."""
+        self._flush()
+        total = len(self._shards)
+        if total == 1:
+            os.replace(self.tmp_dir / "shard-00000.tmp", self.tmp_dir / SINGLE_NAME)
+        else:
+            weight_map: dict[str, str] = {}
+            for index, names in enumerate(self._shards):
+                final = f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+                os.replace(self.tmp_dir / f"shard-{index:05d}.tmp", self.tmp_dir / final)
+                weight_map.update(dict.fromkeys(names, final))
+            index_doc = {"metadata": {"total_size": self.tensor_bytes}, "weight_map": weight_map}
+            self.write_file(INDEX_NAME, json.dumps(index_doc, indent=2).encode())
+        if self.out_dir.exists():
+            trash = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}"
+            os.replace(self.out_dir, trash)
+            os.replace(self.tmp_dir, self.out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.tmp_dir, self.out_dir)
+        self._committed = True
+        return self.out_dir

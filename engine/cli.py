@@ -19,21 +19,33 @@ log = logging.getLogger("supermerge")
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from supermerge.config import load_config
+    from supermerge.learned_merge import run_learned_merge
     from supermerge.merge import run_merge
 
-    summary = run_merge(load_config(args.config), overwrite=args.overwrite, progress=not args.quiet)
+    cfg = load_config(args.config)
+    if cfg.learned:
+        summary = run_learned_merge(cfg, args.overwrite, args.resume, progress=not args.quiet)
+    elif args.resume:
+        raise SupermergeError(f"--resume applies to learned methods only, not '{cfg.method}'")
+    else:
+        summary = run_merge(cfg, overwrite=args.overwrite, progress=not args.quiet)
     print(summary.line())
     return 0
+
+
+def _default(f: dataclasses.Field) -> object:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
     from supermerge.methods import REGISTRY
     from supermerge.methods.base import YAML_ALIASES
+    from supermerge.methods.learned import LEARNED
 
     yaml_name = {v: k for k, v in YAML_ALIASES.items()}
-    for name, cls in sorted(REGISTRY.items()):
+    for name, cls in sorted({**REGISTRY, **LEARNED}.items()):
         params = ", ".join(
-            f"{yaml_name.get(f.name, f.name)}={f.default!r}" for f in dataclasses.fields(cls.Params)
+            f"{yaml_name.get(f.name, f.name)}={_default(f)!r}" for f in dataclasses.fields(cls.Params)
         )
         print(f"{name:16s} {cls.__doc__.splitlines()[0]}\n{'':16s} parameters: {params}")
     return 0
@@ -63,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("config", help="merge YAML file")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    merge.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an unfinished learned merge from <output>.run/ (finished tree nodes and "
+        "the last checkpoint of W are reused)",
+    )
     merge.set_defaults(func=cmd_merge)
 
     methods = sub.add_parser(

@@ -6,10 +6,16 @@
         path: path/to/expert      # same formats as base
         weight: 1.0               # optional per-expert override of method.weight
         density: 0.5              # optional per-expert override of method.density
+        data: path/to/noun.jsonl  # validation data (learned methods; see supermerge.data)
     method:
       name: ties                  # average | task_arithmetic | ties | dare_linear | dare_ties
-      density: 0.5                # method parameters, see `supermerge methods`
+      density: 0.5                # | supermerge | adamerging; parameters: `supermerge methods`
       lambda: 1.0
+    model:                        # learned methods: how logits are computed (task_models)
+      kind: hf_encoder            # hf_encoder | torch_module
+      factory: null               # torch_module: "package.module:function" -> nn.Module
+      head: classifier            # hf_encoder: head tensors <head>.weight / <head>.bias
+    data_dir: null                # learned methods: folder of <task>.jsonl / .pt / .safetensors
     heads: ["classifier.*"]       # globs of task-specific tensors, never merged
     output: path/to/merged        # output folder (must not exist unless --overwrite)
     dtype: null                   # output dtype: float32 | bfloat16 | float16 (null: base's)
@@ -22,7 +28,9 @@ Relative paths are resolved against the YAML file's folder.
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,20 +40,17 @@ import yaml
 
 from supermerge.errors import ConfigError, InputError
 from supermerge.methods import build_method
+from supermerge.methods.base import parse_params
+from supermerge.methods.learned import LEARNED
+from supermerge.task_models import ModelSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOP_LEVEL = {
-    "base",
-    "experts",
-    "method",
-    "heads",
-    "output",
-    "dtype",
-    "device",
-    "shard_size",
-    "seed",
-}
-EXPERT_FIELDS = {"name", "path", "weight", "density"}
+    "base", "experts", "method", "heads", "output", "dtype", "device", "shard_size", "seed",
+    "model", "data_dir",
+}  # fmt: skip
+EXPERT_FIELDS = {"name", "path", "weight", "density", "data"}
+DATA_SUFFIXES = (".jsonl", ".pt", ".safetensors")
 SIZE_UNITS = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
 
 
@@ -56,6 +61,7 @@ class ExpertSpec:
     name: str
     path: Path
     overrides: dict[str, Any] = field(default_factory=dict)
+    data: Path | None = None
 
 
 @dataclass
@@ -73,6 +79,12 @@ class MergeConfig:
     shard_size: int = 2 * 2**30
     seed: int = 0
     source: Path | None = None
+    model: ModelSpec = field(default_factory=ModelSpec)
+
+    @property
+    def learned(self) -> bool:
+        """True for methods that train coefficients (supermerge, adamerging)."""
+        return self.method in LEARNED
 
     def expert_entries(self) -> list[dict[str, Any]]:
         """Experts as mappings (name + overrides), the shape `build_method` takes."""
@@ -133,7 +145,10 @@ def config_from_dict(raw: Any, root: Path, source: Path | None = None) -> MergeC
         if name in {e.name for e in experts}:
             raise ConfigError(f"{where}.name", f"duplicate expert name '{name}'", source)
         overrides = {k: v for k, v in entry.items() if k in ("weight", "density")}
-        experts.append(ExpertSpec(name, p, overrides))
+        data = entry.get("data")
+        if data is not None and not isinstance(data, str):
+            raise ConfigError(f"{where}.data", f"expected a path, got {data!r}", source)
+        experts.append(ExpertSpec(name, p, overrides, path(data) if data else None))
 
     method_raw = _require(raw, "method", (dict, str), "method", source)
     if isinstance(method_raw, str):
@@ -141,7 +156,12 @@ def config_from_dict(raw: Any, root: Path, source: Path | None = None) -> MergeC
     method = _require(method_raw, "name", str, "method.name", source)
     method_params = {k: v for k, v in method_raw.items() if k != "name"}
     try:  # validate the method and its parameters now, not after the first tensor
-        build_method(method, method_params, [{"name": e.name, **e.overrides} for e in experts])
+        if method in LEARNED:
+            parse_params(LEARNED[method], method_params, "method")
+            _attach_data(experts, raw.get("data_dir"), path)
+        else:
+            build_method(method, method_params, [{"name": e.name, **e.overrides} for e in experts])
+        model = _model_spec(raw.get("model") or {})
     except ConfigError as e:
         raise ConfigError(e.field, e.message, source) from None
 
@@ -169,7 +189,48 @@ def config_from_dict(raw: Any, root: Path, source: Path | None = None) -> MergeC
         shard_size=parse_size(raw.get("shard_size", "2GB"), "shard_size", source),
         seed=seed,
         source=source,
+        model=model,
     )
+
+
+def _model_spec(raw: Any) -> ModelSpec:
+    if not isinstance(raw, dict):
+        raise ConfigError("model", f"expected a mapping, got {raw!r}")
+    fields = {f.name for f in dataclasses.fields(ModelSpec)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"model.{key}", f"unknown field (known: {', '.join(sorted(fields))})")
+    try:
+        return ModelSpec(**raw)
+    except (TypeError, ValueError) as e:
+        key, _, message = str(e).partition(": ")
+        raise ConfigError(f"model.{key}" if key in fields else "model", message or str(e)) from None
+
+
+def _attach_data(experts: list[ExpertSpec], data_dir: Any, path: Callable[[str], Path]) -> None:
+    """Give every expert its validation file: its own `data`, or `<data_dir>/<task>.<suffix>`.
+
+    Every task needs data, and every file in data_dir must belong to a task.
+    """
+    if data_dir is not None:
+        if not isinstance(data_dir, str):
+            raise ConfigError("data_dir", f"expected a path, got {data_dir!r}")
+        folder = path(data_dir)
+        if not folder.is_dir():
+            raise ConfigError("data_dir", f"{folder}: no such folder")
+        files = {p.stem: p for p in sorted(folder.iterdir()) if p.suffix in DATA_SUFFIXES}
+        names = {e.name for e in experts}
+        strays = sorted(set(files) - names)
+        if strays:
+            raise ConfigError("data_dir", f"{files[strays[0]]}: task '{strays[0]}' has data but no expert")
+        for e in experts:
+            if e.data is None and e.name in files:
+                e.data = files[e.name]
+    for i, e in enumerate(experts):
+        if e.data is None:
+            raise ConfigError(
+                f"experts[{i}].data", f"task '{e.name}' has no validation data (set data or data_dir)"
+            )
 
 
 def load_config(path: str | Path) -> MergeConfig:

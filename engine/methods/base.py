@@ -100,11 +100,11 @@ def _coerce(value: Any, field: dataclasses.Field, where: str) -> Any:
     return value
 
 
-def parse_params(cls: type[MergeMethod], raw: Mapping[str, Any], where: str) -> Any:
+def parse_params(cls: Any, raw: Mapping[str, Any], where: str) -> Any:
     """Build `cls.Params` from a YAML mapping; unknown or invalid fields raise ConfigError.
 
     Args:
-        cls: the method class.
+        cls: a method class: has `name` and a `Params` dataclass.
         raw: field -> value.
         where: dotted config path of `raw`, used in error messages (e.g. ``method``).
     """

@@ -1,0 +1,328 @@
+"""Running a learned merge (SuperMerge, AdaMerging): flat, or hierarchical as a tree.
+
+Flat: one store of all k task vectors; W [k, G] is trained on every task's validation set.
+Hierarchical (`group_size` g < k): experts are grouped, g at a time (by task-vector cosine
+similarity unless `groups` is given); each group is merged with SuperMerge on its own tasks
+into an intermediate model saved under `<output>.run/tree/`; the next level merges those
+intermediates (their task vector is intermediate - base) with fresh coefficients, up to the
+root, which is written to the output. Only one node's store is resident at a time: at most g
+task vectors, the base and one merged body, so peak memory follows g, not k.
+
+`<output>.run/` keeps the state of an unfinished run: finished tree nodes and the checkpoint
+of W of the node being trained. `--resume` picks it up; it is removed when the run succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from supermerge.checkpoint import Checkpoint
+from supermerge.coefficients import CoefficientLayout
+from supermerge.config import MergeConfig
+from supermerge.data import load_jsonl_data, load_tensor_data
+from supermerge.errors import ConfigError, InputError, SupermergeError
+from supermerge.memory import TensorBytes, cuda_peak_bytes, peak_rss_bytes
+from supermerge.merge import MergeSummary, config_record, open_sources, write_extras, write_tensors
+from supermerge.merged_body import MergedBody
+from supermerge.methods.base import parse_params
+from supermerge.methods.learned import LEARNED, STORAGE_DTYPES, SuperMergeParams
+from supermerge.objectives import needs_labels
+from supermerge.report import plot_heatmap, plot_losses
+from supermerge.store import TaskVectorStore
+from supermerge.task_models import TaskModel, build_task_model
+from supermerge.taskvectors import Expert, TaskVectorSource, is_head
+from supermerge.trainer import CoefficientTrainer, Task
+from supermerge.writer import ShardedWriter, prepare_output
+
+log = logging.getLogger(__name__)
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class NodeRecord:
+    """What one trained node of the tree (or the flat merge) learned.
+
+    Attributes:
+        node: node id ("root" for the output).
+        children: merged inputs (task names at the first level, node ids above).
+        leaves: tasks whose validation data trained it.
+        columns: coefficient column labels.
+        coefficients: tanh(W), [children][columns].
+        losses: per-step mean loss per task.
+        accuracy_before: validation accuracy per task at the initial W.
+        accuracy_after: validation accuracy per task at the learned W.
+        tracked_bytes: bytes of the store, the merged body and its gradient while training.
+        seconds: wall time of the node, building the store included.
+    """
+
+    node: str
+    children: list[str]
+    leaves: list[str]
+    columns: list[str]
+    coefficients: list[list[float]]
+    losses: list[dict[str, float]] = field(default_factory=list)
+    accuracy_before: dict[str, float] = field(default_factory=dict)
+    accuracy_after: dict[str, float] = field(default_factory=dict)
+    tracked_bytes: int = 0
+    seconds: float = 0.0
+
+
+class LearnedMerge:
+    """One learned-merge run, from config to output folder (see module docstring).
+
+    Args:
+        cfg: a validated config whose method is supermerge or adamerging.
+        overwrite: replace an existing output and discard an unfinished run's state.
+        resume: continue an unfinished run from `<output>.run/`.
+        progress: show progress bars.
+    """
+
+    def __init__(
+        self, cfg: MergeConfig, overwrite: bool = False, resume: bool = False, progress: bool = True
+    ):
+        self.cfg, self.progress = cfg, progress
+        self.params: SuperMergeParams = parse_params(LEARNED[cfg.method], cfg.method_params, "method")
+        self.device = torch.device(cfg.device)
+        self.storage_dtype = STORAGE_DTYPES[self.params.storage_dtype]
+        self.run_dir = cfg.output.parent / f"{cfg.output.name}.run"
+        self.overwrite = overwrite
+        prepare_output(cfg.output, overwrite)
+        if self.run_dir.exists() and not resume:
+            if not overwrite:
+                raise SupermergeError(
+                    f"{self.run_dir}: an unfinished run is there; pass --resume to continue it "
+                    "or --overwrite to start over"
+                )
+            shutil.rmtree(self.run_dir)
+        self.leaf_source = open_sources(cfg)
+        self.base = self.leaf_source.base
+        self.model: TaskModel = build_task_model(cfg.model, self.base)
+        self.tasks = self._load_tasks()
+        mergeable = set(self.leaf_source.names)
+        self.fixed = {  # integer buffers such as position_ids: the base's values, never merged
+            n: self.base.read(n).to(self.device)
+            for n in self.base.names
+            if n not in mergeable and not is_head(n, cfg.heads)
+        }
+        self.held = TensorBytes()
+        self.bytes_read = 0
+        self.records: list[NodeRecord] = []
+
+    def _load_tasks(self) -> dict[str, Task]:
+        labelled = needs_labels(self.params.objective)
+        tokenizer = None
+        tasks = {}
+        for spec, expert in zip(self.cfg.experts, self.leaf_source.experts, strict=True):
+            head = self.leaf_source.heads(expert)
+            if not head and self.cfg.model.kind == "hf_encoder":
+                raise InputError(expert.checkpoint.path, f"no head tensors match heads {self.cfg.heads}")
+            if spec.data.suffix == ".jsonl":
+                if tokenizer is None:
+                    from transformers import AutoTokenizer
+
+                    tokenizer = AutoTokenizer.from_pretrained(self.base.path)
+                label2id = (expert.checkpoint.config or {}).get("label2id")
+                data = load_jsonl_data(
+                    spec.data, expert.name, self.params.validation_size, self.cfg.seed, labelled,
+                    tokenizer, self.cfg.model.max_length, label2id,
+                )  # fmt: skip
+            else:
+                data = load_tensor_data(
+                    spec.data, expert.name, self.params.validation_size, self.cfg.seed, labelled
+                )
+            data.check_labels(TaskModel.num_classes(head))
+            tasks[expert.name] = Task(expert.name, data, head)
+        return tasks
+
+    def train_node(
+        self, node: str, children: list[Expert], leaves: list[str], init: float
+    ) -> tuple[MergedBody, TaskVectorSource, NodeRecord]:
+        """Build the store of `children`, learn W on the leaves' tasks; returns the trained body."""
+        start = time.perf_counter()
+        source = TaskVectorSource(self.base, children, self.cfg.heads, self.storage_dtype)
+        store = TaskVectorStore.build(source, self.storage_dtype, self.device, self.progress)
+        layout = CoefficientLayout.build(store.names, self.params.granularity, self.params.blocks)
+        body = MergedBody(store, layout, init, self.params.impl)
+        self.run_dir.mkdir(exist_ok=True)
+        trainer = CoefficientTrainer(
+            body, self.model, [self.tasks[t] for t in leaves], self.fixed,
+            self.params.train_config(), self.run_dir / f"{node}.state.pt",
+        )  # fmt: skip
+        log.info("node %s: %d inputs, %d tasks, W %s", node, len(children), len(leaves), tuple(body.w.shape))
+        before = trainer.accuracy()
+        history = trainer.train(resume=True, progress=self.progress)
+        after = trainer.accuracy()
+        self.bytes_read += source.bytes_read
+        merged_bytes = store.base_flat.numel() * store.base_flat.element_size()
+        tracked = store.nbytes + 2 * merged_bytes  # the merged body (its leaf shares it) + its gradient
+        self.held.observe(tracked)
+        record = NodeRecord(
+            node, [c.name for c in children], leaves, layout.labels, body.coefficients().tolist(),
+            history.losses, before, after, tracked, time.perf_counter() - start,
+        )  # fmt: skip
+        self.records.append(record)
+        return body, source, record
+
+    def _write_node(
+        self, node_dir: Path, body: MergedBody, source: TaskVectorSource, record: NodeRecord
+    ) -> None:
+        merged = body.store.split(body.merged_flat().detach())
+        with ShardedWriter(node_dir, self.cfg.shard_size, overwrite=True) as writer:
+            write_tensors(writer, source, merged.__getitem__, None, progress=False)
+            for path in self.base.carried:
+                writer.copy_file(path)
+            writer.write_file("node.json", json.dumps(asdict(record), indent=2).encode())
+            writer.commit()
+
+    def _groups(self, children: list[Expert], level: int) -> list[list[Expert]]:
+        g = self.params.group_size
+        if level == 0 and self.params.groups is not None:
+            by_name = {c.name: c for c in children}
+            listed = [n for group in self.params.groups for n in group]
+            if sorted(listed) != sorted(by_name):
+                raise ConfigError("method.groups", f"must list every task exactly once: {sorted(by_name)}")
+            if any(len(group) > g for group in self.params.groups):
+                raise ConfigError("method.groups", f"a group is larger than group_size {g}")
+            return [[by_name[n] for n in group] for group in self.params.groups]
+        return similarity_groups(self.base, children, g, self.params.similarity_tensors, self.cfg.heads)
+
+    def run(self) -> MergeSummary:
+        """Train the tree (or the flat merge) and write the output; returns the summary."""
+        start = time.perf_counter()
+        children = list(self.leaf_source.experts)
+        leaves_of = {c.name: [c.name] for c in children}
+        g = self.params.group_size
+        level = 0
+        while g and len(children) > g:
+            next_children = []
+            for j, group in enumerate(self._groups(children, level)):
+                if len(group) == 1:
+                    next_children.append(group[0])
+                    continue
+                node = f"level{level}-node{j}"
+                node_dir = self.run_dir / "tree" / node
+                leaves = [leaf for c in group for leaf in leaves_of[c.name]]
+                if (node_dir / "node.json").exists():
+                    log.info("node %s: finished in an earlier run, reused", node)
+                    self.records.append(NodeRecord(**json.loads((node_dir / "node.json").read_text())))
+                else:
+                    init = self.params.init if level == 0 else self.params.upper_init
+                    body, source, record = self.train_node(node, group, leaves, init)
+                    (self.run_dir / "tree").mkdir(parents=True, exist_ok=True)
+                    self._write_node(node_dir, body, source, record)
+                    del body, source
+                next_children.append(Expert(node, Checkpoint(node_dir)))
+                leaves_of[node] = leaves
+            children, level = next_children, level + 1
+        leaves = [leaf for c in children for leaf in leaves_of[c.name]]
+        body, source, record = self.train_node(
+            "root", children, leaves, self.params.init if level == 0 else self.params.upper_init
+        )
+        return self._write_output(body, source, record, start)
+
+    def _write_output(
+        self, body: MergedBody, source: TaskVectorSource, root: NodeRecord, start: float
+    ) -> MergeSummary:
+        cfg = self.cfg
+        merged = body.store.split(body.merged_flat().detach())
+        effective = effective_coefficients(self.records, [t for t in self.tasks])
+        with ShardedWriter(cfg.output, cfg.shard_size, self.overwrite) as writer:
+            write_tensors(writer, source, merged.__getitem__, cfg.dtype, self.progress)
+            coefficients = {
+                "tasks": list(self.tasks),
+                "columns": root.columns,
+                "tensors": body.layout.column_of(body.store.names),
+                "effective": effective,
+                "nodes": [asdict(r) for r in self.records],
+            }  # fmt: skip
+            writer.write_file("coefficients.json", json.dumps(coefficients, indent=2).encode())
+            writer.write_file("validation_accuracy.json", json.dumps(root.accuracy_after, indent=2).encode())
+            tmp = writer.tmp_dir
+            plot_heatmap(
+                tmp / "coefficients.png", [effective[t] for t in self.tasks], list(self.tasks), root.columns,
+                f"{cfg.method}: effective coefficient per task and {self.params.granularity}",
+            )  # fmt: skip
+            plot_losses(tmp / "loss.png", {r.node: r.losses for r in self.records})
+            g = self.params.group_size
+            summary = MergeSummary(
+                output=str(cfg.output),
+                method=f"{cfg.method} (hierarchical, g={g})" if g else cfg.method,
+                experts=len(self.tasks),
+                tensors=len(self.base.names),
+                bytes_read=self.bytes_read + self.leaf_source.bytes_read,
+                bytes_written=writer.bytes_written,
+                seconds=time.perf_counter() - start,
+                peak_rss_bytes=peak_rss_bytes(),
+                peak_tensor_bytes=self.held.peak,
+                peak_cuda_bytes=cuda_peak_bytes(cfg.device),
+                validation_accuracy=root.accuracy_after,
+            )  # fmt: skip
+            record = {"config": config_record(cfg) | {"method": {"name": cfg.method, **asdict(self.params)}}}
+            write_extras(writer, self.leaf_source, record | {"summary": asdict(summary)})
+            writer.commit()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        return summary
+
+
+def effective_coefficients(records: list[NodeRecord], tasks: list[str]) -> dict[str, list[float]]:
+    """Per task, the product of its coefficients along its path to the root, per column.
+
+    A flat merge has one node: the effective coefficients are its tanh(W) rows.
+    """
+    parent: dict[str, tuple[NodeRecord, int]] = {}
+    for record in records:
+        for i, child in enumerate(record.children):
+            parent[child] = (record, i)
+    result = {}
+    for task in tasks:
+        product = [1.0] * len(records[-1].columns)
+        name = task
+        while name in parent:
+            record, row = parent[name]
+            product = [p * c for p, c in zip(product, record.coefficients[row], strict=True)]
+            name = record.node
+        result[task] = product
+    return result
+
+
+def similarity_groups(
+    base: Checkpoint, children: list[Expert], g: int, sample: int, heads: list[str]
+) -> list[list[Expert]]:
+    """Greedy groups of at most g children with the most similar task vectors.
+
+    Similarity: cosine of the task vectors over `sample` tensors spread evenly over the model.
+    The first ungrouped child takes the g - 1 ungrouped children most similar to it.
+    """
+    source = TaskVectorSource(base, children, heads)
+    names = source.names
+    picked = [names[round(i)] for i in torch.linspace(0, len(names) - 1, min(sample, len(names))).tolist()]
+    parts = [[] for _ in children]
+    for name in picked:
+        b = source.read_base(name)
+        for i, tau in enumerate(source.task_vectors(name, b)):
+            parts[i].append(tau.reshape(-1))
+    vectors = torch.nn.functional.normalize(torch.stack([torch.cat(p) for p in parts]), dim=1)
+    similarity = vectors @ vectors.T
+    log.info("task-vector cosine similarity:\n%s", similarity)
+    remaining = list(range(len(children)))
+    groups = []
+    while remaining:
+        seed = remaining.pop(0)
+        ranked = sorted(remaining, key=lambda j: -float(similarity[seed, j]))[: g - 1]
+        remaining = [j for j in remaining if j not in ranked]
+        groups.append([children[i] for i in [seed, *ranked]])
+    return groups
+
+
+def run_learned_merge(
+    cfg: MergeConfig, overwrite: bool = False, resume: bool = False, progress: bool = True
+) -> MergeSummary:
+    """Run a learned merge per `cfg` (see LearnedMerge)."""
+    return LearnedMerge(cfg, overwrite, resume, progress).run()

@@ -1,0 +1,49 @@
+"""The merged body: theta_m = base + sum_i tanh(w(i, g(j))) * tau(i, j) for every tensor j.
+
+W is the only trainable tensor. The weighted sum and its gradient run in the fused kernel
+(`supermerge.kernels.grouped_weighted_sum`: Triton on CUDA, torch reference on CPU) over the
+store's flat buffers, so one call merges the whole body.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from supermerge.coefficients import CoefficientLayout
+from supermerge.kernels import grouped_weighted_sum
+from supermerge.store import TaskVectorStore
+
+
+class MergedBody(nn.Module):
+    """Learnable coefficients over a task-vector store.
+
+    Args:
+        store: base and task vectors in flat buffers.
+        layout: column of W for each tensor.
+        init: initial coefficient tanh(w), in (-1, 1); 0.3 equals task arithmetic with lambda 0.3.
+        impl: kernel implementation ("auto" | "torch" | "triton").
+    """
+
+    def __init__(
+        self, store: TaskVectorStore, layout: CoefficientLayout, init: float = 0.3, impl: str = "auto"
+    ) -> None:
+        super().__init__()
+        if not -1 < init < 1:
+            raise ValueError(f"init must be in (-1, 1), got {init}")
+        self.store = store
+        self.layout = layout
+        self.impl = impl
+        device = store.base_flat.device
+        self.w = nn.Parameter(torch.full((store.k, layout.groups), math.atanh(init), device=device))
+
+    def merged_flat(self) -> torch.Tensor:
+        """[N] merged weights in the base's dtype, differentiable w.r.t. W."""
+        s = self.store
+        return grouped_weighted_sum(s.base_flat, s.tau_flat, self.layout.expand(self.w), s.offsets, self.impl)
+
+    def coefficients(self) -> torch.Tensor:
+        """tanh(W), [k, G], detached fp32 on the CPU."""
+        return torch.tanh(self.w.detach()).float().cpu()

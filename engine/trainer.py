@@ -1,0 +1,202 @@
+"""Learning W by gradient descent on the tasks' validation sets.
+
+One step, top to bottom:
+  1. merged = body.merged_flat()                   fused weighted sum, graph back to W
+  2. leaf = merged.detach().requires_grad_()       the merged body, shared by every task
+  3. for each task, for each micro-batch:           one graph alive at a time
+         loss = objective(logits(leaf, head_task, batch)) / (n_task * k); loss.backward()
+     -> leaf.grad = dL/d(theta_m), summed over tasks
+  4. merged.backward(leaf.grad)                    fused gradient: dW = (1 - tanh^2) <g, tau>
+  5. Adam step on W
+Memory does not grow with the number of tasks: one merged body, one micro-batch graph.
+Every `checkpoint_every` steps the state (W, Adam, step, history) is saved atomically;
+`resume` continues from it and ends with the same W as an uninterrupted run (full-batch steps
+in a fixed order: nothing random to replay).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from supermerge.data import TaskData
+from supermerge.errors import SupermergeError
+from supermerge.merged_body import MergedBody
+from supermerge.objectives import resolve_objective
+from supermerge.task_models import TaskModel
+
+log = logging.getLogger(__name__)
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings (the learned methods' YAML parameters).
+
+    Attributes:
+        steps: Adam steps on W.
+        lr: Adam learning rate.
+        batch_size: micro-batch size in examples (bounds activation memory, not the step).
+        objective: "cross_entropy", "entropy" or "package.module:function".
+        early_stop_patience: stop after this many steps without improvement (0: never).
+        early_stop_min_delta: improvement of the mean loss that resets the patience.
+        checkpoint_every: save the training state every this many steps.
+    """
+
+    steps: int = 100
+    lr: float = 0.01
+    batch_size: int = 32
+    objective: str = "cross_entropy"
+    early_stop_patience: int = 0
+    early_stop_min_delta: float = 1e-4
+    checkpoint_every: int = 10
+
+
+@dataclass
+class Task:
+    """One task to serve: its validation data and its own head (never merged)."""
+
+    name: str
+    data: TaskData
+    head: Tensors
+
+
+@dataclass
+class History:
+    """Per-step mean loss of every task (measured before that step's update)."""
+
+    losses: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
+
+
+class CoefficientTrainer:
+    """Trains a MergedBody's W on the tasks (see module docstring).
+
+    Args:
+        body: coefficients over the task-vector store.
+        model: computes logits from body and head weights.
+        tasks: tasks whose losses are averaged (each task weighs 1/len(tasks)).
+        fixed: base tensors that are not merged (buffers), passed to every forward.
+        cfg: optimisation settings.
+        state_path: where the training state is checkpointed (None: never).
+    """
+
+    def __init__(
+        self,
+        body: MergedBody,
+        model: TaskModel,
+        tasks: list[Task],
+        fixed: Tensors,
+        cfg: TrainConfig,
+        state_path: Path | None = None,
+    ) -> None:
+        self.body, self.model, self.tasks, self.fixed, self.cfg = body, model, tasks, fixed, cfg
+        self.objective = resolve_objective(cfg.objective)
+        self.state_path = state_path
+        self.optimizer = torch.optim.Adam([body.w], lr=cfg.lr)
+        self.device = body.w.device
+
+    def _task_params(self, body: Tensors, task: Task) -> tuple[Tensors, Tensors]:
+        return {**self.fixed, **body}, {n: t.to(self.device) for n, t in task.head.items()}
+
+    def losses_and_grad(self) -> dict[str, float]:
+        """Mean loss per task at the current W; leaves dLoss/dW in body.w.grad."""
+        merged = self.body.merged_flat()
+        leaf = merged.detach().requires_grad_()
+        body = self.body.store.split(leaf)
+        losses = {}
+        for task in self.tasks:
+            params, head = self._task_params(body, task)
+            total = 0.0
+            scale = 1.0 / (len(task.data) * len(self.tasks))
+            for inputs, labels in task.data.batches(self.cfg.batch_size, self.device):
+                loss = self.objective(self.model.logits(params, head, inputs), labels)
+                (loss * scale).backward()
+                total += float(loss.detach())
+            losses[task.name] = total / len(task.data)
+        merged.backward(leaf.grad)
+        return losses
+
+    def _fingerprint(self) -> dict:
+        cfg = asdict(self.cfg)
+        cfg.pop("steps")  # a resumed run may be asked to go further
+        return {"tasks": [t.name for t in self.tasks], "columns": self.body.layout.labels, **cfg}
+
+    def _save(self, step: int, history: History, best: float, stale: int) -> None:
+        state = {
+            "step": step,
+            "w": self.body.w.detach().cpu(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": asdict(history),
+            "best": best,
+            "stale": stale,
+            "fingerprint": self._fingerprint(),
+        }
+        tmp = self.state_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.state_path)
+
+    def _load(self) -> tuple[int, History, float, int]:
+        state = torch.load(self.state_path, weights_only=False)
+        if state["fingerprint"] != self._fingerprint():
+            raise SupermergeError(
+                f"{self.state_path}: saved training state was made with other settings "
+                "(tasks, coefficient layout or optimiser); start over with --overwrite"
+            )
+        with torch.no_grad():
+            self.body.w.copy_(state["w"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        history = History(**state["history"])
+        log.info("resumed from %s at step %d", self.state_path, state["step"])
+        return state["step"], history, state["best"], state["stale"]
+
+    def train(self, resume: bool = False, progress: bool = True) -> History:
+        """Run the optimisation; returns the per-step loss history."""
+        step, history, best, stale = 0, History(), float("inf"), 0
+        if resume and self.state_path is not None and self.state_path.exists():
+            step, history, best, stale = self._load()
+        bar = tqdm(total=self.cfg.steps, initial=step, desc="supermerge", unit="step", disable=not progress)
+        while step < self.cfg.steps and not history.stopped_early:
+            self.optimizer.zero_grad(set_to_none=True)
+            losses = self.losses_and_grad()
+            self.optimizer.step()
+            step += 1
+            history.losses.append(losses)
+            mean = sum(losses.values()) / len(losses)
+            if mean < best - self.cfg.early_stop_min_delta:
+                best, stale = mean, 0
+            else:
+                stale += 1
+            history.stopped_early = 0 < self.cfg.early_stop_patience <= stale
+            bar.set_postfix({"loss": f"{mean:.4f}", **{t: f"{v:.3f}" for t, v in losses.items()}})
+            bar.update()
+            if self.state_path is not None and (
+                step % self.cfg.checkpoint_every == 0 or step == self.cfg.steps or history.stopped_early
+            ):
+                self._save(step, history, best, stale)
+        bar.close()
+        return history
+
+    @torch.no_grad()
+    def accuracy(self) -> dict[str, float]:
+        """Validation accuracy per task at the current W (tasks with labels only)."""
+        body = self.body.store.split(self.body.merged_flat())
+        result = {}
+        for task in self.tasks:
+            if task.data.labels is None:
+                continue
+            params, head = self._task_params(body, task)
+            correct = 0
+            for inputs, labels in task.data.batches(self.cfg.batch_size, self.device):
+                correct += int((self.model.logits(params, head, inputs).argmax(-1) == labels).sum())
+            result[task.name] = correct / len(task.data)
+        return result

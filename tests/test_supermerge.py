@@ -1,0 +1,233 @@
+"""SuperMerge: gradients, the known-best merge of the toy suite, hierarchy, resume, memory, bad data."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from supermerge.checkpoint import Checkpoint
+from supermerge.cli import main
+from supermerge.coefficients import CoefficientLayout
+from supermerge.config import config_from_dict
+from supermerge.learned_merge import LearnedMerge, run_learned_merge
+from supermerge.merge import run_merge
+from supermerge.merged_body import MergedBody
+from supermerge.store import TaskVectorStore
+from supermerge.trainer import CoefficientTrainer
+from tests.toy_models import build_toy_suite, toy_accuracy
+
+FACTORY = "tests.toy_models:make_mlp"
+
+
+@pytest.fixture
+def toy(tmp_path: Path):
+    return build_toy_suite(tmp_path / "suite", seed=int(torch.randint(0, 1000, ())))
+
+
+def toy_doc(tmp_path: Path, toy, **method) -> dict:
+    base, experts, val, _ = toy
+    return {
+        "base": str(base),
+        "experts": [{"name": t, "path": str(p), "data": str(val[t])} for t, p in experts.items()],
+        "method": {"name": "supermerge", "steps": 40, "lr": 0.05, "validation_size": 128} | method,
+        "model": {"kind": "torch_module", "factory": FACTORY},
+        "heads": ["head.*"],
+        "output": str(tmp_path / "merged"),
+    }
+
+
+def merged_accuracy(out: Path, test) -> dict[str, float]:
+    ckpt = Checkpoint(out)
+    body = {n: ckpt.read(n) for n in ckpt.names}
+    return {t: toy_accuracy(body, load_file(str(out / "heads" / f"{t}.safetensors")), *test[t]) for t in test}
+
+
+def test_w_gradient_matches_finite_differences_in_float64(tmp_path: Path) -> None:
+    """dLoss/dW through the whole step (merge, per-task losses, leaf gradient) vs central differences."""
+    base, experts, val, _ = build_toy_suite(tmp_path / "s", seed=3, n_val=16, n_test=1, dtype=torch.float64)
+    doc = toy_doc(tmp_path, (base, experts, val, None), validation_size=16, batch_size=5, impl="torch")
+    run = LearnedMerge(config_from_dict(doc, tmp_path), progress=False)
+    source = run.leaf_source
+    store = TaskVectorStore.build(source, torch.float64)
+    body = MergedBody(store, CoefficientLayout.build(store.names), init=0.3, impl="torch")
+    body.w = torch.nn.Parameter(torch.randn(body.w.shape, dtype=torch.float64) * 0.5)  # W is fp32 in use
+    trainer = CoefficientTrainer(
+        body, run.model, list(run.tasks.values()), run.fixed, run.params.train_config()
+    )
+
+    def loss() -> float:
+        body.w.grad = None
+        return sum(trainer.losses_and_grad().values()) / len(run.tasks)
+
+    loss()
+    analytic = body.w.grad.clone()
+    numeric = torch.zeros_like(analytic)
+    eps = 1e-6
+    for idx in torch.cartesian_prod(torch.arange(body.w.shape[0]), torch.arange(body.w.shape[1])):
+        i, j = int(idx[0]), int(idx[1])
+        with torch.no_grad():
+            body.w[i, j] += eps
+        up = loss()
+        with torch.no_grad():
+            body.w[i, j] -= 2 * eps
+        down = loss()
+        with torch.no_grad():
+            body.w[i, j] += eps
+        numeric[i, j] = (up - down) / (2 * eps)
+    torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_finds_the_known_best_merge_and_beats_task_arithmetic(tmp_path: Path, toy) -> None:
+    summary = run_learned_merge(config_from_dict(toy_doc(tmp_path, toy), tmp_path), progress=False)
+    out = Path(summary.output)
+    record = json.loads((out / "coefficients.json").read_text())
+    c = {t: dict(zip(record["columns"], row, strict=True)) for t, row in record["effective"].items()}
+    assert c["a"]["l1.weight"] > 0.7 and abs(c["a"]["l2.weight"]) < 0.25
+    assert c["b"]["l2.weight"] > 0.7 and abs(c["b"]["l1.weight"]) < 0.25
+    ours = merged_accuracy(out, toy[3])
+    best_ta = 0.0
+    for lam in (0.3, 0.5, 0.7, 1.0):
+        doc = toy_doc(tmp_path, toy) | {"method": {"name": "task_arithmetic", "lambda": lam}}
+        doc["output"] = str(tmp_path / f"ta{lam}")
+        run_merge(config_from_dict(doc, tmp_path), progress=False)
+        acc = merged_accuracy(tmp_path / f"ta{lam}", toy[3])
+        best_ta = max(best_ta, sum(acc.values()) / 2)
+    mean = sum(ours.values()) / 2
+    assert mean > 0.9 and mean > best_ta + 0.1, (ours, best_ta)
+    for name in ("coefficients.png", "loss.png", "validation_accuracy.json", "supermerge_merge.json"):
+        assert (out / name).is_file(), name
+    assert summary.validation_accuracy == json.loads((out / "validation_accuracy.json").read_text())
+
+
+@pytest.mark.parametrize("granularity, columns", [("task", 1), ("block", 2)])
+def test_coarser_granularities_share_coefficients(tmp_path: Path, toy, granularity, columns) -> None:
+    doc = toy_doc(tmp_path, toy, granularity=granularity, blocks=[r"l\d\."], steps=3)
+    run_learned_merge(config_from_dict(doc, tmp_path), progress=False)
+    record = json.loads((tmp_path / "merged" / "coefficients.json").read_text())
+    assert len(record["columns"]) == columns
+    assert set(record["tensors"].values()) == set(record["columns"])
+
+
+def test_hierarchical_with_group_size_at_least_k_equals_flat(tmp_path: Path, toy) -> None:
+    flat = toy_doc(tmp_path, toy, steps=8)
+    run_learned_merge(config_from_dict(flat, tmp_path), progress=False)
+    tree = toy_doc(tmp_path, toy, steps=8, group_size=2) | {"output": str(tmp_path / "tree")}
+    run_learned_merge(config_from_dict(tree, tmp_path), progress=False)
+    a, b = Checkpoint(tmp_path / "merged"), Checkpoint(tmp_path / "tree")
+    for name in a.names:
+        assert torch.equal(a.read(name), b.read(name)), name
+
+
+def test_resume_after_a_crash_ends_with_the_same_w(tmp_path: Path, toy, monkeypatch) -> None:
+    doc = toy_doc(tmp_path, toy, steps=12, checkpoint_every=5)
+    run_learned_merge(config_from_dict(doc, tmp_path), progress=False)
+    uninterrupted = json.loads((tmp_path / "merged" / "coefficients.json").read_text())["effective"]
+
+    crashed = doc | {"output": str(tmp_path / "crashed")}
+    real = CoefficientTrainer.losses_and_grad
+    calls = {"n": 0}
+
+    def crash_at_step_8(self):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt("simulated kill")
+        return real(self)
+
+    monkeypatch.setattr(CoefficientTrainer, "losses_and_grad", crash_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        run_learned_merge(config_from_dict(crashed, tmp_path), progress=False)
+    monkeypatch.setattr(CoefficientTrainer, "losses_and_grad", real)
+    assert not (tmp_path / "crashed").exists()
+    state = torch.load(tmp_path / "crashed.run" / "root.state.pt", weights_only=False)
+    assert state["step"] == 5
+    with pytest.raises(Exception, match="--resume"):
+        run_learned_merge(config_from_dict(crashed, tmp_path), progress=False)
+    run_learned_merge(config_from_dict(crashed, tmp_path), resume=True, progress=False)
+    resumed = json.loads((tmp_path / "crashed" / "coefficients.json").read_text())["effective"]
+    assert resumed == uninterrupted
+    assert not (tmp_path / "crashed.run").exists()
+
+
+def write_many_experts(tmp_path: Path, toy, k: int) -> dict:
+    """k experts: the toy's two, repeated with fresh perturbations, each with its own data."""
+    base, experts, val, _ = toy
+    doc = toy_doc(tmp_path, toy, steps=2)
+    entries = []
+    for i in range(k):
+        task = "ab"[i % 2]
+        src = load_file(str(experts[task] / "model.safetensors"))
+        gen = torch.Generator().manual_seed(i)
+        state = {n: t + 0.01 * torch.randn(t.shape, generator=gen) for n, t in src.items()}
+        folder = tmp_path / f"k{k}" / f"e{i}"
+        folder.mkdir(parents=True)
+        from safetensors.torch import save_file
+
+        save_file(state, str(folder / "model.safetensors"))
+        entries.append({"name": f"e{i}", "path": str(folder), "data": str(val[task])})
+    doc["experts"] = entries
+    return doc
+
+
+def test_hierarchical_peak_memory_is_flat_in_k_while_flat_merging_grows(tmp_path: Path, toy) -> None:
+    flat, tree = {}, {}
+    for k in (2, 4, 8):
+        doc = write_many_experts(tmp_path, toy, k)
+        doc["output"] = str(tmp_path / f"k{k}" / "flat")
+        flat[k] = run_learned_merge(config_from_dict(doc, tmp_path), progress=False).peak_tensor_bytes
+        doc["output"] = str(tmp_path / f"k{k}" / "tree")
+        doc["method"] = doc["method"] | {"group_size": 2}
+        tree[k] = run_learned_merge(config_from_dict(doc, tmp_path), progress=False).peak_tensor_bytes
+    n_bytes = sum(math.prod(s) for s in [(16, 8), (16,), (16, 16), (16,)]) * 4
+    for k in (2, 4, 8):
+        assert flat[k] == (k + 1) * n_bytes + 2 * n_bytes  # k task vectors + base, merged + grad
+        assert tree[k] == (2 + 1) * n_bytes + 2 * n_bytes  # g = 2 task vectors + base, merged + grad
+    assert flat[8] > 2 * tree[8]
+
+
+def assert_refused(capsys, tmp_path: Path, doc: dict, *needles: str) -> None:
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    code = main(["-q", "merge", str(config)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("supermerge: error:") and "\n" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    assert not Path(doc["output"]).exists()
+
+
+def test_empty_validation_set_is_refused(capsys, tmp_path: Path, toy) -> None:
+    torch.save({"x": torch.randn(0, 8), "y": torch.zeros(0, dtype=torch.int64)}, tmp_path / "empty.pt")
+    doc = toy_doc(tmp_path, toy)
+    doc["experts"][1]["data"] = str(tmp_path / "empty.pt")
+    assert_refused(capsys, tmp_path, doc, "empty.pt", "no validation examples", "'b'")
+
+
+def test_label_out_of_range_for_the_head_is_refused(capsys, tmp_path: Path, toy) -> None:
+    y = torch.randint(0, 4, (20,))
+    y[7] = 9
+    torch.save({"x": torch.randn(20, 8), "y": y}, tmp_path / "bad.pt")
+    doc = toy_doc(tmp_path, toy)
+    doc["experts"][0]["data"] = str(tmp_path / "bad.pt")
+    assert_refused(capsys, tmp_path, doc, "bad.pt", "example 7", "label 9", "4 classes")
+
+
+def test_task_names_of_data_and_experts_must_match(capsys, tmp_path: Path, toy) -> None:
+    base, experts, val, _ = toy
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for task, src in val.items():
+        (data_dir / f"{task}.pt").write_bytes(src.read_bytes())
+    (data_dir / "c.pt").write_bytes(val["a"].read_bytes())
+    doc = toy_doc(tmp_path, toy) | {"data_dir": str(data_dir)}
+    for e in doc["experts"]:
+        del e["data"]
+    assert_refused(capsys, tmp_path, doc, "data_dir", "task 'c' has data but no expert")
+    (data_dir / "c.pt").unlink()
+    (data_dir / "b.pt").unlink()
+    assert_refused(capsys, tmp_path, doc, "experts[1].data", "task 'b' has no validation data")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
+
+if not torch.cuda.is_available():  # Triton runs on the CPU only in its interpreter, set before import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TensorDict = dict[str, torch.Tensor]
 

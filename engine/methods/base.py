@@ -78,9 +78,6 @@ class MergeMethod(ABC):
             merged tensor, fp32, shaped like `base`.
         """
 
-    def weights(self, like: torch.Tensor) -> torch.Tensor:
-        """Per-expert weights as a [k] tensor on `like`'s device, fp32."""
-        return torch.tensor([e.weight for e in self.experts], dtype=torch.float32, device=like.device)
 
 
 def _coerce(value: Any, field: dataclasses.Field, where: str) -> Any:

@@ -48,8 +48,8 @@ def magnitude_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     if tau.numel() == 0:
         return tau.clone()
     keep = max(1, int(density * tau.numel()))
-    mask = torch.zeros(tau.numel(), dtype=tau.dtype, device=tau.device)
-    mask[torch.argsort(tau.abs().reshape(-1), descending=True)[:keep]] = 1
+    mask = torch.zeros(tau.numel(), dtype=torch.bool, device=tau.device)
+    mask[torch.argsort(tau.abs().reshape(-1), descending=True)[:keep]] = True
     return tau * mask.reshape_as(tau)
 
 

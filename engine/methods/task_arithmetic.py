@@ -21,18 +21,6 @@ def _check_density(density: float) -> None:
         raise ValueError(f"density: must be in (0, 1], got {density}")
 
 
-def elect_sign_mask(weighted: torch.Tensor) -> torch.Tensor:
-    """TIES sign election: True where an entry's sign equals the sign of the column sum.
-
-    Args:
-        weighted: [k, *shape] weighted task vectors.
-    Returns:
-        bool mask [k, *shape]; zero entries never agree (their sign is 0).
-    """
-    majority = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
-    return weighted.sign() == majority
-
-
 class Average(MergeMethod):
     """Weight averaging: sum_i w_i expert_i / sum_i w_i (mergekit `linear`, normalize on)."""
 
@@ -43,11 +31,13 @@ class Average(MergeMethod):
         weight: float = 1.0
 
     def merge(self, name: str, base: torch.Tensor, taus: Sequence[torch.Tensor]) -> torch.Tensor:
-        w = self.weights(base)
-        total = w.sum()
-        if total.abs() < 1e-8:
+        total = sum(e.weight for e in self.experts)
+        if abs(total) < 1e-8:
             raise ValueError("average: expert weights sum to zero")
-        return base + sum(wi * t for wi, t in zip(w / total, taus, strict=True))
+        mixed = torch.zeros_like(base)
+        for expert, tau in zip(self.experts, taus, strict=True):
+            mixed.add_(tau, alpha=expert.weight / total)
+        return mixed.add_(base)
 
 
 class GeneralizedTaskArithmetic(MergeMethod):
@@ -67,21 +57,35 @@ class GeneralizedTaskArithmetic(MergeMethod):
         return tau
 
     def merge(self, name: str, base: torch.Tensor, taus: Sequence[torch.Tensor]) -> torch.Tensor:
-        w = self.weights(base).view(-1, *([1] * base.dim()))
-        deltas = torch.stack([self._sparsified(name, t, i) for i, t in enumerate(taus)])
-        weighted = deltas * w
+        """See MergeMethod.merge; `taus` are modified in place (the caller reads them fresh).
+
+        Memory: besides base and the k task vectors, one accumulator, and for TIES a sign mask
+        and the divisor; nothing of size k x numel is stacked.
+        """
+        weighted = [
+            self._sparsified(name, tau, i).mul_(e.weight)
+            for i, (e, tau) in enumerate(zip(self.experts, taus, strict=True))
+        ]
+        mixed = torch.zeros_like(base)
+        for delta in weighted:
+            mixed.add_(delta)
         if self.sign_consensus:
-            mask = elect_sign_mask(weighted).to(weighted.dtype)
-            mixed = (weighted * mask).sum(dim=0)
-            divisor = (w * mask).sum(dim=0)
-            divisor[divisor == 0] = 1
+            positive = mixed >= 0  # the elected sign: that of the summed weighted deltas
+            mixed.zero_()
+            divisor = torch.zeros_like(base)
+            for e, delta in zip(self.experts, weighted, strict=True):
+                agree = torch.where(positive, delta > 0, delta < 0)  # zeros never agree
+                mixed.add_(delta.mul_(agree))
+                divisor.add_(agree.to(base.dtype), alpha=e.weight)
+            divisor.masked_fill_(divisor == 0, 1)
         else:
-            mixed = weighted.sum(dim=0)
-            total = w.sum(dim=0)
-            divisor = torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
+            total = sum(e.weight for e in self.experts)
+            divisor = 1.0 if abs(total) < 1e-8 else total
         if self.params.normalize:
-            mixed = mixed / divisor
-        return base + self.params.lam * mixed
+            mixed.div_(divisor)
+        if self.params.lam != 1:
+            mixed.mul_(self.params.lam)
+        return mixed.add_(base)
 
 
 def _rescale_value(value: object) -> str:

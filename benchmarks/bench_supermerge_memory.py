@@ -5,7 +5,8 @@ validation data per task), then runs `supermerge merge` with method supermerge f
 hierarchical (group size g) for each k, every run in a fresh process, and prints per run:
 - tracked bytes: what the engine holds while training (task-vector store, merged body and its
   gradient); deterministic, the design's bound: flat (k + 3) N, hierarchical (g + 3) N values;
-- peak RSS of the process (/usr/bin/time) and, on GPU, torch.cuda.max_memory_allocated;
+- peak RSS of the process (os.wait4's ru_maxrss of that child) and, on GPU,
+  torch.cuda.max_memory_allocated;
 - time per optimisation step (mean over all trained nodes' steps) and total wall time.
 The driver imports no torch, so the children's peak RSS does not inherit a large parent's.
 

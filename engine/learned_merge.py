@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,7 @@ from supermerge.writer import ShardedWriter, prepare_output
 
 log = logging.getLogger(__name__)
 Tensors = dict[str, torch.Tensor]
+SIMILARITY_ELEMENTS = 65536  # entries per sampled tensor used for task-vector similarity
 
 
 @dataclass
@@ -301,17 +303,20 @@ def similarity_groups(
 ) -> list[list[Expert]]:
     """Greedy groups of at most g children with the most similar task vectors.
 
-    Similarity: cosine of the task vectors over `sample` tensors spread evenly over the model.
+    Similarity: cosine of the task vectors over `sample` tensors spread evenly over the model,
+    each tensor subsampled to at most SIMILARITY_ELEMENTS evenly strided entries, so the memory
+    it takes is k x sample x SIMILARITY_ELEMENTS values plus one tensor, whatever the model size.
     The first ungrouped child takes the g - 1 ungrouped children most similar to it.
     """
     source = TaskVectorSource(base, children, heads)
     names = source.names
     picked = [names[round(i)] for i in torch.linspace(0, len(names) - 1, min(sample, len(names))).tolist()]
-    parts = [[] for _ in children]
+    parts: list[list[torch.Tensor]] = [[] for _ in children]
     for name in picked:
         b = source.read_base(name)
-        for i, tau in enumerate(source.task_vectors(name, b)):
-            parts[i].append(tau.reshape(-1))
+        stride = max(1, math.ceil(b.numel() / SIMILARITY_ELEMENTS))
+        for i in range(len(children)):
+            parts[i].append(source.task_vector(name, b, i).reshape(-1)[::stride].clone())
     vectors = torch.nn.functional.normalize(torch.stack([torch.cat(p) for p in parts]), dim=1)
     similarity = vectors @ vectors.T
     log.info("task-vector cosine similarity:\n%s", similarity)

@@ -148,11 +148,18 @@ class TaskVectorSource:
 
         Args:
             name: a mergeable tensor name (in `self.names`).
-            base: the fp32 base tensor of `name` (from `read_base`).
+            base: the fp32 base tensor of `name` (from `read_base`), on the device to compute on.
         Returns:
-            k tensors shaped like `base`, one expert read at a time.
+            k tensors shaped like `base`, on its device, one expert read at a time.
         """
-        return [(self._read(e.checkpoint, name).float() - base).to(self.storage_dtype) for e in self.experts]
+        return [self.task_vector(name, base, i) for i in range(self.k)]
+
+    def task_vector(self, name: str, base: torch.Tensor, index: int) -> torch.Tensor:
+        """Task vector of expert `index` for tensor `name` (see `task_vectors`)."""
+        expert = self.experts[index].checkpoint
+        # a copy: read() may hand out memory-mapped data that must not change
+        tau = self._read(expert, name).to(base.device, torch.float32, copy=True).sub_(base)
+        return tau.to(self.storage_dtype)
 
     def heads(self, expert: Expert) -> dict[str, torch.Tensor]:
         """The task-specific tensors of one expert (names matching the head patterns)."""

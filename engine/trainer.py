@@ -2,11 +2,12 @@
 
 One step, top to bottom:
   1. merged = body.merged_flat()                   fused weighted sum, graph back to W
-  2. leaf = merged.detach().requires_grad_()       the merged body, shared by every task
+  2. leaves = merged.detach(), one per tensor      the merged body, shared by every task;
+                                                   their .grad are views of one flat buffer g
   3. for each task, for each micro-batch:           one graph alive at a time
-         loss = objective(logits(leaf, head_task, batch)) / (n_task * k); loss.backward()
-     -> leaf.grad = dL/d(theta_m), summed over tasks
-  4. merged.backward(leaf.grad)                    fused gradient: dW = (1 - tanh^2) <g, tau>
+         loss = objective(logits(leaves, head_task, batch)) / (n_task * k); loss.backward()
+     -> g = dL/d(theta_m), summed over tasks
+  4. merged.backward(g)                            fused gradient: dW = (1 - tanh^2) <g, tau>
   5. Adam step on W
 Memory does not grow with the number of tasks: one merged body, one micro-batch graph.
 Every `checkpoint_every` steps the state (W, Adam, step, history) is saved atomically;
@@ -111,8 +112,18 @@ class CoefficientTrainer:
     def losses_and_grad(self) -> dict[str, float]:
         """Mean loss per task at the current W; leaves dLoss/dW in body.w.grad."""
         merged = self.body.merged_flat()
-        leaf = merged.detach().requires_grad_()
-        body = self.body.store.split(leaf)
+        store = self.body.store
+        grad = torch.zeros_like(merged)
+        # One leaf per tensor, sharing the merged storage, with its .grad a view of `grad`:
+        # autograd accumulates each tensor's gradient in place, so nothing of size N is
+        # allocated per tensor (a single leaf with views would expand every view's gradient to N).
+        body = {}
+        for name, view, grad_view in zip(
+            store.names, store.split(merged.detach()).values(), store.split(grad).values(), strict=True
+        ):
+            leaf = view.requires_grad_()
+            leaf.grad = grad_view
+            body[name] = leaf
         losses = {}
         for task in self.tasks:
             params, head = self._task_params(body, task)
@@ -123,7 +134,10 @@ class CoefficientTrainer:
                 (loss * scale).backward()
                 total += float(loss.detach())
             losses[task.name] = total / len(task.data)
-        merged.backward(leaf.grad)
+        for leaf, grad_view in zip(body.values(), store.split(grad).values(), strict=True):
+            if leaf.grad is not grad_view:  # autograd replaced it instead of adding in place
+                grad_view.copy_(leaf.grad)
+        merged.backward(grad)
         return losses
 
     def _fingerprint(self) -> dict:

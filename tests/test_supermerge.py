@@ -231,3 +231,10 @@ def test_task_names_of_data_and_experts_must_match(capsys, tmp_path: Path, toy) 
     (data_dir / "c.pt").unlink()
     (data_dir / "b.pt").unlink()
     assert_refused(capsys, tmp_path, doc, "experts[1].data", "task 'b' has no validation data")
+
+
+def test_early_stop_ends_the_run_after_patience_steps_without_improvement(tmp_path: Path, toy) -> None:
+    doc = toy_doc(tmp_path, toy, steps=50, lr=1e-9, early_stop_patience=2, early_stop_min_delta=1.0)
+    run_learned_merge(config_from_dict(doc, tmp_path), progress=False)
+    (node,) = json.loads((tmp_path / "merged" / "coefficients.json").read_text())["nodes"]
+    assert len(node["losses"]) == 3  # the first step sets the best loss, two more without gain

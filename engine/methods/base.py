@@ -79,7 +79,6 @@ class MergeMethod(ABC):
         """
 
 
-
 def _coerce(value: Any, field: dataclasses.Field, where: str) -> Any:
     kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
     if kind == "float":

@@ -12,7 +12,7 @@ Measures, in one run:
 Times are medians of triton.testing.do_bench, which flushes L2 (a 256 MB write) before every
 timed call, so small inputs are read from device memory, not from the 50 MB L2.
 
-Usage: python benchmarks/bench_weighted_sum.py [--out benchmarks/RESULTS_kernels.md] [--sweep]
+Usage: python benchmarks/bench_weighted_sum.py [--out section.md] [--sweep]  (paste into RESULTS.md)
 """
 
 import argparse
@@ -255,7 +255,7 @@ def host_overhead_rows(k: int = 8, n: int = 2**16, calls: int = 300) -> list[lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS_kernels.md"))
+    parser.add_argument("--out", type=Path, help="also write the markdown section to this file")
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 8, 32])
     parser.add_argument("--log2n", type=int, nargs="+", default=[20, 24, 27])
     parser.add_argument("--grouped-k", type=int, default=8)
@@ -308,7 +308,8 @@ def main() -> None:
 
     text = "\n".join(lines) + "\n"
     print("\n" + text, flush=True)
-    args.out.write_text(text)
+    if args.out:
+        args.out.write_text(text)
 
 
 if __name__ == "__main__":

@@ -125,8 +125,11 @@ class LearnedMerge:
         tasks = {}
         for spec, expert in zip(self.cfg.experts, self.leaf_source.experts, strict=True):
             head = self.leaf_source.heads(expert)
-            if not head and self.cfg.model.kind == "hf_encoder":
-                raise InputError(expert.checkpoint.path, f"no head tensors match heads {self.cfg.heads}")
+            wanted = f"{self.cfg.model.head}.weight"
+            if self.cfg.model.kind == "hf_encoder" and wanted not in head:
+                raise InputError(
+                    expert.checkpoint.path, f"no head tensor '{wanted}' among heads matching {self.cfg.heads}"
+                )
             if spec.data.suffix == ".jsonl":
                 if tokenizer is None:
                     from transformers import AutoTokenizer

@@ -110,6 +110,10 @@ class HFEncoderModel(TaskModel):
         from transformers import AutoConfig, AutoModel
 
         self.spec = spec
+        if base.config is None:
+            raise ConfigError(
+                "model.kind", f"hf_encoder needs a base model folder with config.json: {base.path}"
+            )
         config = AutoConfig.from_pretrained(base.path)
         with init_empty_weights():
             self.module = AutoModel.from_config(config).eval()

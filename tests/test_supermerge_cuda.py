@@ -12,18 +12,18 @@ from supermerge.checkpoint import Checkpoint
 from supermerge.config import config_from_dict
 from supermerge.learned_merge import run_learned_merge
 from supermerge.merge import run_merge
-from tests.toy_models import build_toy_suite
+from supermerge.toy import FACTORY, build_toy_suite
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def toy_doc(root: Path, suite, device: str, output: str, method: dict) -> dict:
-    base, experts, val, _ = suite
+    base, experts, val = suite.base, suite.experts, suite.validation
     return {
         "base": str(base),
         "experts": [{"name": t, "path": str(p), "data": str(val[t])} for t, p in experts.items()],
         "method": method,
-        "model": {"kind": "torch_module", "factory": "tests.toy_models:make_mlp"},
+        "model": {"kind": "torch_module", "factory": FACTORY},
         "heads": ["head.*"],
         "device": device,
         "output": str(root / output),

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from supermerge.cli import main
+from supermerge.toy import FACTORY, build_toy_suite
 from tests.minilm import finetune_minilm, minilm_dir
-from tests.toy_models import build_toy_suite
 
 TASKS = {
     "topic": (["I ate a bowl of rice.", "The pizza was hot.", "She won the match.", "He scored a goal.",
@@ -77,14 +77,15 @@ def test_supermerge_on_real_minilm_experts_via_the_cli(
 
 def test_kill_9_mid_run_then_resume_reuses_finished_nodes_and_matches(tmp_path: Path) -> None:
     """A real process killed with SIGKILL while training the second tree node; --resume finishes it."""
-    base, experts, val, _ = build_toy_suite(tmp_path / "suite", seed=5)
+    suite = build_toy_suite(tmp_path / "suite", seed=5)
+    base, experts, val = suite.base, suite.experts, suite.validation
     entries = [
         {"name": f"{t}{i}", "path": str(p), "data": str(val[t])} for i in range(2) for t, p in experts.items()
     ]
     method = {"name": "supermerge", "steps": 150, "lr": 0.05, "group_size": 2, "checkpoint_every": 5}
     doc = {
         "base": str(base), "experts": entries, "method": method, "heads": ["head.*"],
-        "model": {"kind": "torch_module", "factory": "tests.toy_models:make_mlp"},
+        "model": {"kind": "torch_module", "factory": FACTORY},
     }  # fmt: skip
     for name in ("reference", "killed"):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(doc | {"output": str(tmp_path / name)}))

@@ -3,16 +3,15 @@
 Formats (the `data:` field of an expert in the YAML):
 - `.pt` / `.safetensors`: tensors `x` [n, ...] (inputs) and, for supervised objectives,
   `y` [n] int64 (labels); for `model.kind: torch_module`.
-- `.jsonl`: one JSON object per line with `text`, `label` (an int, or a name found in the
-  expert's config.json `label2id`) and optionally `split`; rows with split "validation" are
-  used when any row has a split, else every row; tokenised with the base's tokenizer
-  (`model.kind: hf_encoder`).
+- `.jsonl`: the task format of `supermerge.tasks` (text, label, split; validation carved from
+  train when absent; a file without splits is all validation); string labels map to class ids
+  through the expert's config.json `label2id` when it names them all, else in sorted order;
+  tokenised with the base's tokenizer (`model.kind: hf_encoder`).
 At most `size` examples are kept per task (a seeded random subset; the paper uses 32).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from supermerge.errors import InputError
+from supermerge.tasks import read_task_file
 
 Tensors = dict[str, torch.Tensor]
 
@@ -105,47 +105,16 @@ def load_jsonl_data(
     max_length: int,
     label2id: dict[str, int] | None = None,
 ) -> TaskData:
-    """Read and tokenise a JSONL text file (see module docstring)."""
-    if not path.is_file():
-        raise InputError(path, "validation data file not found")
-    rows: list[tuple[int, dict]] = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise InputError(path, f"not valid UTF-8 ({e})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(path, f"line {number}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise InputError(path, f"line {number}: missing string field 'text'")
-        if labelled and "label" not in row:
-            raise InputError(path, f"line {number}: missing field 'label'")
-        rows.append((number, row))
-    if any("split" in r for _, r in rows):
-        rows = [(n, r) for n, r in rows if r.get("split") == "validation"]
-    if not rows:
-        raise InputError(path, f"no validation examples for task '{task}'")
-    rows = [rows[i] for i in _subset(len(rows), size, seed).tolist()]
+    """The validation split of a task file (supermerge.tasks), subset to `size`, tokenised."""
+    task_file = read_task_file(path, validation_size=size, seed=seed, labelled=labelled)
+    examples = task_file.splits["validation"]
+    keep = _subset(len(examples), size, seed).tolist()
     labels = None
     if labelled:
-        values = []
-        for number, row in rows:
-            label = row["label"]
-            if isinstance(label, str) and label2id is not None and label in label2id:
-                label = label2id[label]
-            if not isinstance(label, int) or isinstance(label, bool):
-                raise InputError(path, f"line {number}: label {row['label']!r} is not a class index")
-            values.append(label)
-        labels = torch.tensor(values, dtype=torch.int64)
+        ids = task_file.label_ids("validation", label2id)
+        labels = torch.tensor([ids[i] for i in keep], dtype=torch.int64)
     encoded = tokenizer(
-        [r["text"] for _, r in rows],
-        padding=True,
-        truncation=True,
-        max_length=max_length,
+        [examples[i].text for i in keep], padding=True, truncation=True, max_length=max_length,
         return_tensors="pt",
-    )
+    )  # fmt: skip
     return TaskData(task, path, dict(encoded), labels)

@@ -1,4 +1,4 @@
-"""The `supermerge` command: merge, methods, demo.
+"""The `supermerge` command: merge, methods, finetune, evaluate, demo.
 
 Every user error (bad file, tensor or config field) is printed as one line,
 `supermerge: error: ...`, with exit code 2 and nothing written at the output path.
@@ -51,6 +51,48 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _suite(args: argparse.Namespace) -> dict:
+    from supermerge.tasks import read_suite
+
+    tasks = read_suite(args.suite)
+    if args.tasks:
+        unknown = sorted(set(args.tasks) - set(tasks))
+        if unknown:
+            raise SupermergeError(f"{args.suite}: no task file for {', '.join(unknown)}")
+        tasks = {t: tasks[t] for t in args.tasks}
+    return tasks
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from supermerge.finetune import FinetuneConfig, default_base, finetune_suite
+
+    cfg = FinetuneConfig(args.epochs, args.lr, args.batch_size, args.max_length, args.train_size, args.seed)
+    base = Path(args.base) if args.base else default_base()
+    experts = finetune_suite(base, _suite(args), Path(args.cache), cfg, progress=not args.quiet)
+    for task, path in experts.items():
+        print(f"{task}\t{path}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from supermerge.evaluate import evaluate_model
+
+    accuracy = evaluate_model(args.model, _suite(args), args.split, max_length=args.max_length,
+                              device=args.device, progress=not args.quiet)  # fmt: skip
+    for task, value in accuracy.items():
+        print(f"{task:16s} {value:.4f}")
+    if accuracy:
+        print(f"{'mean':16s} {sum(accuracy.values()) / len(accuracy):.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(accuracy, indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from supermerge.demo import run_demo
 
@@ -89,6 +131,40 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the registered merge methods with their parameters and defaults.",
     )
     methods.set_defaults(func=cmd_methods)
+
+    finetune = sub.add_parser(
+        "finetune",
+        help="fine-tune one expert per task of a suite",
+        description="Fine-tune the base encoder plus a linear head on each task's train split "
+        "and save each expert as a Hugging Face folder (head included) under "
+        "CACHE/experts/<task>-<hash>; experts whose task, base and settings are unchanged are reused.",
+    )
+    finetune.add_argument("--suite", required=True, help="folder of <task>.jsonl task files")
+    finetune.add_argument("--base", help="base model folder (default: the built-in MiniLM-L6)")
+    finetune.add_argument("--cache", default="runs/cache", help="where experts are kept")
+    finetune.add_argument("--tasks", nargs="+", help="only these tasks")
+    finetune.add_argument("--epochs", type=int, default=1)
+    finetune.add_argument("--lr", type=float, default=1e-4)
+    finetune.add_argument("--batch-size", type=int, default=32)
+    finetune.add_argument("--max-length", type=int, default=64, help="tokens per text")
+    finetune.add_argument("--train-size", type=int, default=1000, help="cap on train examples per task")
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.set_defaults(func=cmd_finetune)
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="per-task test accuracy of a model folder",
+        description="Accuracy per task of MODEL (a merged output with heads/, or an expert) on a "
+        "split of the suite's task files.",
+    )
+    evaluate.add_argument("model", help="model folder")
+    evaluate.add_argument("--suite", required=True, help="folder of <task>.jsonl task files")
+    evaluate.add_argument("--tasks", nargs="+", help="only these tasks")
+    evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    evaluate.add_argument("--max-length", type=int, default=64, help="tokens per text")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--json", help="also write the accuracies to this JSON file")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     demo = sub.add_parser(
         "demo",

@@ -16,7 +16,7 @@ def plot_heatmap(
 ) -> None:
     """Tasks x coefficient-columns heatmap of tanh(W) in [-1, 1] (diverging colours)."""
     width = min(max(6.0, 2 + 0.12 * len(columns)), 40)
-    fig, ax = plt.subplots(figsize=(width, 1.2 + 0.4 * len(rows)))
+    fig, ax = plt.subplots(figsize=(width, max(3.0, 1.6 + 0.4 * len(rows))))
     image = ax.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
     ax.set_yticks(range(len(rows)), rows)
     step = max(1, len(columns) // 60)

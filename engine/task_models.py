@@ -120,13 +120,17 @@ class HFEncoderModel(TaskModel):
 
     def logits(self, body: Tensors, head: Tensors, inputs: Tensors) -> torch.Tensor:
         hidden = functional_call(self.module, body, args=(), kwargs=inputs).last_hidden_state
-        if self.spec.pooling == "cls":
-            features = hidden[:, 0]
-        else:
-            mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            features = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+        features = pool(hidden, inputs["attention_mask"], self.spec.pooling)
         p = self.spec.head
         return F.linear(features, head[f"{p}.weight"], head.get(f"{p}.bias"))
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """Sentence features [B, H] from a last hidden state [B, T, H]: masked mean or [CLS]."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
 def build_task_model(spec: ModelSpec, base: Checkpoint) -> TaskModel:

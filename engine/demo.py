@@ -7,7 +7,8 @@ a user would) and with SuperMerge (flat and hierarchical) and AdaMerging-style e
 merging, all through the same code path as `supermerge merge`, then prints test accuracy per
 task, the mean, the mean normalised by the experts' own accuracy, time and memory held, and
 writes results.json, accuracy.png and each learned merge's coefficient heatmap.
-The real-model evaluation suite replaces this toy suite in a later version.
+`--real` runs the same on MiniLM-L6 experts fine-tuned on the built-in real text suite
+(`supermerge.suite`, `supermerge.finetune`), `--quick` on 3 of its tasks with fewer steps.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +27,7 @@ from supermerge.config import config_from_dict
 from supermerge.learned_merge import run_learned_merge
 from supermerge.merge import MergeSummary, run_merge
 from supermerge.report import plot_accuracy_bars
-from supermerge.toy import FACTORY, ToySuite, build_toy_suite, toy_accuracy
+from supermerge.toy import FACTORY, build_toy_suite, toy_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -35,46 +38,57 @@ GRIDS = {
     "ties": [{"density": d, "lambda": lam} for d in (0.2, 0.5) for lam in (0.5, 1.0)],
     "dare_ties": [{"density": 0.5, "lambda": lam, "normalize": True} for lam in (0.5, 1.0)],
 }
-LEARNED = {
+TOY_LEARNED = {
     "adamerging": {"name": "adamerging", "steps": 100, "lr": 0.05},
     "supermerge": {"name": "supermerge", "steps": 100, "lr": 0.05},
     "supermerge (tree, g=2)": {"name": "supermerge", "steps": 100, "lr": 0.05, "group_size": 2},
 }
 
 
-def _accuracy(model_dir: Path, suite: ToySuite, split: str) -> dict[str, float]:
-    """Accuracy of a merged model (body + each task's saved head) on validation or test."""
-    ckpt = Checkpoint(model_dir)
-    body = {n: ckpt.read(n) for n in ckpt.names}
-    result = {}
-    for task in suite.experts:
-        head = Checkpoint(model_dir / "heads" / f"{task}.safetensors")
-        if split == "test":
-            x, y = suite.test[task]
-        else:
-            data = torch.load(suite.validation[task], weights_only=True)
-            x, y = data["x"], data["y"]
-        result[task] = toy_accuracy(body, {n: head.read(n) for n in head.names}, x, y)
-    return result
+@dataclass
+class DemoSuite:
+    """What the demo needs of a suite.
+
+    Attributes:
+        title: names the suite in the table and the chart.
+        config: the merge YAML fields shared by every method (base, experts with data, model, heads).
+        accuracy: (model folder, split) -> accuracy per task, with the tasks' heads.
+        experts: each expert's test accuracy on its own task.
+        learned: label -> `method:` block of each learned merge to run.
+    """
+
+    title: str
+    config: dict
+    accuracy: Callable[[Path, str], dict[str, float]]
+    experts: dict[str, float]
+    learned: dict[str, dict]
 
 
-def _expert_accuracy(suite: ToySuite) -> dict[str, float]:
-    result = {}
+def toy_demo_suite(workdir: Path) -> DemoSuite:
+    """The four-task toy family (seconds on a CPU)."""
+    suite = build_toy_suite(workdir / "suite", n_tasks=4, seed=0, n_val=32, n_test=2000)
+
+    def accuracy(model_dir: Path, split: str) -> dict[str, float]:
+        ckpt = Checkpoint(model_dir)
+        body = {n: ckpt.read(n) for n in ckpt.names}
+        result = {}
+        for task in suite.experts:
+            head = Checkpoint(model_dir / "heads" / f"{task}.safetensors")
+            if split == "test":
+                x, y = suite.test[task]
+            else:
+                data = torch.load(suite.validation[task], weights_only=True)
+                x, y = data["x"], data["y"]
+            result[task] = toy_accuracy(body, {n: head.read(n) for n in head.names}, x, y)
+        return result
+
+    experts = {}
     for task, folder in suite.experts.items():
         ckpt = Checkpoint(folder)
         state = {n: ckpt.read(n) for n in ckpt.names}
         head = {n: state.pop(n) for n in list(state) if n.startswith("head.")}
-        result[task] = toy_accuracy(state, head, *suite.test[task])
-    return result
-
-
-def run_demo(workdir: str | Path, progress: bool = True) -> dict:
-    """Build the toy suite, run every method, print the table; returns the results."""
-    workdir = Path(workdir).resolve()
-    for own in ("suite", "merged"):  # only what an earlier demo wrote there
-        shutil.rmtree(workdir / own, ignore_errors=True)
-    suite = build_toy_suite(workdir / "suite", n_tasks=4, seed=0, n_val=32, n_test=2000)
-    common = {
+        experts[task] = toy_accuracy(state, head, *suite.test[task])
+    config = {
         "base": str(suite.base),
         "experts": [
             {"name": t, "path": str(p), "data": str(suite.validation[t])} for t, p in suite.experts.items()
@@ -82,37 +96,86 @@ def run_demo(workdir: str | Path, progress: bool = True) -> dict:
         "model": {"kind": "torch_module", "factory": FACTORY},
         "heads": ["head.*"],
     }
-    experts = _expert_accuracy(suite)
-    (workdir / "merged").mkdir()
+    return DemoSuite("toy suite, 4 tasks, 2000 test examples each", config, accuracy, experts, TOY_LEARNED)
+
+
+def real_demo_suite(cache: Path, quick: bool, progress: bool) -> DemoSuite:
+    """MiniLM-L6 experts fine-tuned on the built-in real text suite (supermerge.suite)."""
+    from supermerge.evaluate import evaluate_model
+    from supermerge.finetune import FinetuneConfig, default_base, finetune_suite
+    from supermerge.suite import build_builtin_suite
+    from supermerge.tasks import read_suite
+
+    tasks = read_suite(build_builtin_suite(cache, progress))
+    if quick:
+        tasks = dict(list(tasks.items())[:3])
+    settings = FinetuneConfig(train_size=300 if quick else 1000)
+    paths = finetune_suite(default_base(), tasks, cache, settings, progress)
+    experts = {}
+    for task, path in paths.items():
+        experts |= evaluate_model(path, {task: tasks[task]}, progress=False)
+    config = {
+        "base": str(default_base()),
+        "experts": [{"name": t, "path": str(p), "data": str(tasks[t].path)} for t, p in paths.items()],
+        "model": {"kind": "hf_encoder", "max_length": settings.max_length},
+        "heads": ["classifier.*"],
+    }
+    steps = 20 if quick else 100
+    learned = {
+        "adamerging": {"name": "adamerging", "steps": steps},
+        "supermerge": {"name": "supermerge", "steps": steps},
+        "supermerge (tree, g=2)": {"name": "supermerge", "steps": steps, "group_size": 2},
+    }
+    title = f"MiniLM-L6 experts on {len(tasks)} real text tasks{' (quick)' if quick else ''}"
+    return DemoSuite(
+        title, config, lambda d, split: evaluate_model(d, tasks, split, progress=False), experts, learned
+    )
+
+
+def run_demo(
+    workdir: str | Path,
+    progress: bool = True,
+    real: bool = False,
+    quick: bool = False,
+    cache: str | Path = "runs/cache",
+) -> dict:
+    """Run every method on the toy suite (or the real one), print the table; returns the results."""
+    workdir = Path(workdir).resolve()
+    for own in ("suite", "merged"):  # only what an earlier demo wrote there
+        shutil.rmtree(workdir / own, ignore_errors=True)
+    suite = real_demo_suite(Path(cache).resolve(), quick, progress) if real else toy_demo_suite(workdir)
+    (workdir / "merged").mkdir(parents=True)
     rows: dict[str, dict] = {}
     for method, grid in GRIDS.items():
         best = None
         for i, params in enumerate(grid):
             out = workdir / "merged" / f"{method}-{i}"
             cfg = config_from_dict(
-                common | {"method": {"name": method, **params}, "output": str(out)}, workdir
+                suite.config | {"method": {"name": method, **params}, "output": str(out)}, workdir
             )
             summary = run_merge(cfg, progress=False)
-            val = _accuracy(out, suite, "validation")
+            val = suite.accuracy(out, "validation")
             score = sum(val.values()) / len(val)
             if best is None or score > best[0]:
                 best = (score, params, out, summary)
         _, params, out, summary = best
-        rows[method] = _row(params, _accuracy(out, suite, "test"), summary)
+        rows[method] = _row(params, suite.accuracy(out, "test"), summary)
         log.info("%s: picked %s on validation", method, params)
-    for label, method in LEARNED.items():
+    for label, method in suite.learned.items():
         out = workdir / "merged" / label.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
-        cfg = config_from_dict(common | {"method": method, "output": str(out)}, workdir)
+        cfg = config_from_dict(suite.config | {"method": method, "output": str(out)}, workdir)
         summary = run_learned_merge(cfg, progress=progress)
         rows[label] = _row(
-            {k: v for k, v in method.items() if k != "name"}, _accuracy(out, suite, "test"), summary
+            {k: v for k, v in method.items() if k != "name"}, suite.accuracy(out, "test"), summary
         )
         rows[label]["heatmap"] = str(out / "coefficients.png")
-    results = {"suite": "toy (supermerge.toy), 4 tasks", "experts": experts, "methods": rows}
-    _print_table(experts, rows)
+    results = {"suite": suite.title, "experts": suite.experts, "methods": rows}
+    _print_table(suite.title, suite.experts, rows)
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
-    accuracy = {"experts": experts} | {m: r["test_accuracy"] for m, r in rows.items()}
-    plot_accuracy_bars(workdir / "accuracy.png", accuracy, "test accuracy per method and task (toy suite)")
+    accuracy = {"experts": suite.experts} | {m: r["test_accuracy"] for m, r in rows.items()}
+    plot_accuracy_bars(
+        workdir / "accuracy.png", accuracy, f"test accuracy per method and task ({suite.title})"
+    )
     print(
         f"\nwrote {workdir / 'results.json'}, {workdir / 'accuracy.png'}, heatmaps under {workdir / 'merged'}"
     )
@@ -128,10 +191,10 @@ def _row(params: dict, accuracy: dict[str, float], summary: MergeSummary) -> dic
     }
 
 
-def _print_table(experts: dict[str, float], rows: dict[str, dict]) -> None:
+def _print_table(title: str, experts: dict[str, float], rows: dict[str, dict]) -> None:
     tasks = list(experts)
     expert_mean = sum(experts.values()) / len(experts)
-    print("\ntest accuracy per task (toy suite: 4 tasks, 2000 test examples each)")
+    print(f"\ntest accuracy per task ({title})")
     header = (
         f"{'method':24s}"
         + "".join(f"{t:>7s}" for t in tasks)

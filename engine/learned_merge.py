@@ -145,7 +145,7 @@ class LearnedMerge:
                     spec.data, expert.name, self.params.validation_size, self.cfg.seed, labelled
                 )
             data.check_labels(TaskModel.num_classes(head))
-            tasks[expert.name] = Task(expert.name, data, head)
+            tasks[expert.name] = Task(expert.name, data, {n: t.to(self.device) for n, t in head.items()})
         return tasks
 
     def train_node(

@@ -60,7 +60,7 @@ class TrainConfig:
 
 @dataclass
 class Task:
-    """One task to serve: its validation data and its own head (never merged)."""
+    """One task to serve: its validation data and its own head (never merged), on the body's device."""
 
     name: str
     data: TaskData
@@ -106,9 +106,6 @@ class CoefficientTrainer:
         self.optimizer = torch.optim.Adam([body.w], lr=cfg.lr)
         self.device = body.w.device
 
-    def _task_params(self, body: Tensors, task: Task) -> tuple[Tensors, Tensors]:
-        return {**self.fixed, **body}, {n: t.to(self.device) for n, t in task.head.items()}
-
     def losses_and_grad(self) -> dict[str, float]:
         """Mean loss per task at the current W; leaves dLoss/dW in body.w.grad."""
         merged = self.body.merged_flat()
@@ -124,13 +121,13 @@ class CoefficientTrainer:
             leaf = view.requires_grad_()
             leaf.grad = grad_view
             body[name] = leaf
+        params = {**self.fixed, **body}
         losses = {}
         for task in self.tasks:
-            params, head = self._task_params(body, task)
             total = 0.0
             scale = 1.0 / (len(task.data) * len(self.tasks))
             for inputs, labels in task.data.batches(self.cfg.batch_size, self.device):
-                loss = self.objective(self.model.logits(params, head, inputs), labels)
+                loss = self.objective(self.model.logits(params, task.head, inputs), labels)
                 (loss * scale).backward()
                 total += float(loss.detach())
             losses[task.name] = total / len(task.data)
@@ -203,14 +200,13 @@ class CoefficientTrainer:
     @torch.no_grad()
     def accuracy(self) -> dict[str, float]:
         """Validation accuracy per task at the current W (tasks with labels only)."""
-        body = self.body.store.split(self.body.merged_flat())
+        params = {**self.fixed, **self.body.store.split(self.body.merged_flat())}
         result = {}
         for task in self.tasks:
             if task.data.labels is None:
                 continue
-            params, head = self._task_params(body, task)
             correct = 0
             for inputs, labels in task.data.batches(self.cfg.batch_size, self.device):
-                correct += int((self.model.logits(params, head, inputs).argmax(-1) == labels).sum())
+                correct += int((self.model.logits(params, task.head, inputs).argmax(-1) == labels).sum())
             result[task.name] = correct / len(task.data)
         return result

@@ -115,3 +115,11 @@ def test_merge_then_evaluate_every_task_through_the_cli(experts, tmp_path: Path,
     accuracy = json.loads((tmp_path / "m.json").read_text())
     assert set(accuracy) == {"sentiment", "question"} and all(0 <= a <= 1 for a in accuracy.values())
     assert "mean" in capsys.readouterr().out
+
+
+def test_finetune_and_evaluate_refuse_unknown_tasks_and_missing_suites(tmp_path: Path, capsys) -> None:
+    suite = write_suite(tmp_path / "suite")
+    assert main(["-q", "finetune", "--suite", str(suite), "--tasks", "sentiment", "poetry"]) == 2
+    assert "no task file for poetry" in capsys.readouterr().err
+    assert main(["-q", "evaluate", str(tmp_path), "--suite", str(tmp_path / "nowhere")]) == 2
+    assert "no <task>.jsonl files" in capsys.readouterr().err

@@ -182,7 +182,7 @@ class LearnedMerge:
     def _write_node(
         self, node_dir: Path, body: MergedBody, source: TaskVectorSource, record: NodeRecord
     ) -> None:
-        merged = body.store.split(body.merged_flat().detach())
+        merged = body.merged_tensors()
         with ShardedWriter(node_dir, self.cfg.shard_size, overwrite=True) as writer:
             write_tensors(writer, source, merged.__getitem__, None, progress=False)
             for path in self.base.carried:
@@ -240,7 +240,7 @@ class LearnedMerge:
         self, body: MergedBody, source: TaskVectorSource, root: NodeRecord, start: float
     ) -> MergeSummary:
         cfg = self.cfg
-        merged = body.store.split(body.merged_flat().detach())
+        merged = body.merged_tensors()
         effective = effective_coefficients(self.records, [t for t in self.tasks])
         with ShardedWriter(cfg.output, cfg.shard_size, self.overwrite) as writer:
             write_tensors(writer, source, merged.__getitem__, cfg.dtype, self.progress)

@@ -44,6 +44,11 @@ class MergedBody(nn.Module):
         s = self.store
         return grouped_weighted_sum(s.base_flat, s.tau_flat, self.layout.expand(self.w), s.offsets, self.impl)
 
+    @torch.no_grad()
+    def merged_tensors(self) -> dict[str, torch.Tensor]:
+        """The merged weights by tensor name (views of one flat buffer), without a graph."""
+        return self.store.split(self.merged_flat())
+
     def coefficients(self) -> torch.Tensor:
         """tanh(W), [k, G], detached fp32 on the CPU."""
         return torch.tanh(self.w.detach()).float().cpu()

@@ -200,7 +200,7 @@ class CoefficientTrainer:
     @torch.no_grad()
     def accuracy(self) -> dict[str, float]:
         """Validation accuracy per task at the current W (tasks with labels only)."""
-        params = {**self.fixed, **self.body.store.split(self.body.merged_flat())}
+        params = {**self.fixed, **self.body.merged_tensors()}
         result = {}
         for task in self.tasks:
             if task.data.labels is None:

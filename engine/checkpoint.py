@@ -131,14 +131,15 @@ def parse_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-def _read_safetensors_tensor(info: TensorInfo) -> torch.Tensor:
-    """Read one tensor's bytes with a positioned read into freshly allocated memory."""
-    out = torch.empty(info.shape, dtype=info.dtype)
-    if info.nbytes:
-        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+def _read_safetensors_elements(info: TensorInfo, lo: int, hi: int) -> torch.Tensor:
+    """Read elements [lo, hi) of the flattened tensor with one positioned read into fresh memory."""
+    out = torch.empty(hi - lo, dtype=info.dtype)
+    if hi > lo:
+        item = out.element_size()
+        view = memoryview(out.view(torch.uint8).numpy())
         with info.file.open("rb") as f:
-            f.seek(info.offset)
-            if f.readinto(view) != info.nbytes:
+            f.seek(info.offset + lo * item)
+            if f.readinto(view) != (hi - lo) * item:
                 raise InputError(info.file, "truncated tensor data", info.name)
     return out
 
@@ -235,7 +236,18 @@ class Checkpoint:
             raise InputError(self.path, "no such tensor in checkpoint", name)
         if self._state_dict is not None:
             return self._state_dict[name]
-        return _read_safetensors_tensor(info)
+        return _read_safetensors_elements(info, 0, info.numel).view(info.shape)
+
+    def read_range(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """Elements [lo, hi) of tensor `name` flattened, [hi - lo], reading only those bytes."""
+        info = self.infos.get(name)
+        if info is None:
+            raise InputError(self.path, "no such tensor in checkpoint", name)
+        if not 0 <= lo <= hi <= info.numel:
+            raise ValueError(f"{name}: element range [{lo}, {hi}) outside [0, {info.numel})")
+        if self._state_dict is not None:
+            return self._state_dict[name].reshape(-1)[lo:hi]
+        return _read_safetensors_elements(info, lo, hi)
 
     def size_bytes(self) -> int:
         """Total bytes of all tensors."""

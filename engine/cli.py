@@ -1,4 +1,7 @@
-"""The `supermerge` command: merge, methods, finetune, evaluate, demo.
+"""The `supermerge` command: merge, plan, methods, suite, finetune, evaluate, demo.
+
+`supermerge merge` runs as one process, or on many under torchrun, `deepspeed` or
+`accelerate launch` (see launch/README.md); `python -m supermerge` is the same command.
 
 Every user error (bad file, tensor or config field) is printed as one line,
 `supermerge: error: ...`, with exit code 2 and nothing written at the output path.
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -29,7 +33,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise SupermergeError(f"--resume applies to learned methods only, not '{cfg.method}'")
     else:
         summary = run_merge(cfg, overwrite=args.overwrite, progress=not args.quiet)
-    print(summary.line())
+    if os.environ.get("RANK", "0") == "0":  # one line per job, not per rank
+        print(summary.line())
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from supermerge.config import load_config
+    from supermerge.distributed.plan import describe_job
+
+    cfg = load_config(args.config)
+    if not cfg.learned:
+        raise SupermergeError(f"{args.config}: plan applies to learned methods, not '{cfg.method}'")
+    print(describe_job(cfg, args.ranks))
     return 0
 
 
@@ -134,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.set_defaults(func=cmd_merge)
 
+    plan = sub.add_parser(
+        "plan",
+        help="print how a learned merge would be laid over R ranks, without running it",
+        description="Print the distributed plan of CONFIG on R ranks: which rank holds which tensors "
+        "and tasks, bytes per rank, and the communication per training step.",
+    )
+    plan.add_argument("config", help="merge YAML file (supermerge or adamerging)")
+    plan.add_argument("--ranks", type=int, required=True, help="number of ranks (processes)")
+    plan.set_defaults(func=cmd_plan)
+
     methods = sub.add_parser(
         "methods",
         help="list merge methods and their parameters",
@@ -207,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # the deepspeed launcher appends --local_rank=N; the rank is read from the environment
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,

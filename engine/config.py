@@ -22,6 +22,12 @@
     device: cpu                   # where the math runs: cpu | cuda | cuda:N
     shard_size: 2GB               # max bytes per output shard (B, KB, MB, GB)
     seed: 0                       # seeds random methods (DARE), per expert and tensor
+    distributed:                  # learned methods under torchrun / deepspeed / accelerate
+      task_groups: 1              # Q: ranks = layer shards x task groups (supermerge plan)
+      offload: none               # where task-vector shards live: none | cpu | nvme (DeepSpeed)
+      nvme_path: null             # offload nvme: folder on the NVMe drive
+      memory_per_rank: null       # optional budget the plan checks (e.g. 16GB)
+      timeout_s: 300              # a collective waits this long for a silent rank
 
 Relative paths are resolved against the YAML file's folder.
 """
@@ -47,7 +53,7 @@ from supermerge.task_models import ModelSpec
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOP_LEVEL = {
     "base", "experts", "method", "heads", "output", "dtype", "device", "shard_size", "seed",
-    "model", "data_dir",
+    "model", "data_dir", "distributed",
 }  # fmt: skip
 EXPERT_FIELDS = {"name", "path", "weight", "density", "data"}
 DATA_SUFFIXES = (".jsonl", ".pt", ".safetensors")
@@ -62,6 +68,17 @@ class ExpertSpec:
     path: Path
     overrides: dict[str, Any] = field(default_factory=dict)
     data: Path | None = None
+
+
+@dataclass(frozen=True)
+class DistributedSpec:
+    """The YAML's `distributed:` block (see the module docstring)."""
+
+    task_groups: int = 1
+    offload: str = "none"
+    nvme_path: str | None = None
+    memory_per_rank: int = 0
+    timeout_s: float = 300.0
 
 
 @dataclass
@@ -80,6 +97,7 @@ class MergeConfig:
     seed: int = 0
     source: Path | None = None
     model: ModelSpec = field(default_factory=ModelSpec)
+    distributed: DistributedSpec = field(default_factory=DistributedSpec)
 
     @property
     def learned(self) -> bool:
@@ -190,7 +208,37 @@ def config_from_dict(raw: Any, root: Path, source: Path | None = None) -> MergeC
         seed=seed,
         source=source,
         model=model,
+        distributed=_distributed_spec(raw.get("distributed") or {}, source),
     )
+
+
+def _distributed_spec(raw: Any, source: Path | None) -> DistributedSpec:
+    if not isinstance(raw, dict):
+        raise ConfigError("distributed", f"expected a mapping, got {raw!r}", source)
+    fields = {f.name for f in dataclasses.fields(DistributedSpec)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(
+                f"distributed.{key}", f"unknown field (known: {', '.join(sorted(fields))})", source
+            )
+    groups = raw.get("task_groups", 1)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ConfigError("distributed.task_groups", f"expected a positive integer, got {groups!r}", source)
+    offload = raw.get("offload", "none")
+    if offload not in ("none", "cpu", "nvme"):
+        raise ConfigError("distributed.offload", f"expected none, cpu or nvme, got {offload!r}", source)
+    nvme = raw.get("nvme_path")
+    if offload == "nvme" and not isinstance(nvme, str):
+        raise ConfigError("distributed.nvme_path", "offload nvme needs a folder on the NVMe drive", source)
+    budget = raw.get("memory_per_rank")
+    timeout = raw.get("timeout_s", 300.0)
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+        raise ConfigError("distributed.timeout_s", f"expected a positive number, got {timeout!r}", source)
+    return DistributedSpec(
+        groups, offload, nvme,
+        parse_size(budget, "distributed.memory_per_rank", source) if budget is not None else 0,
+        float(timeout),
+    )  # fmt: skip
 
 
 def _model_spec(raw: Any) -> ModelSpec:

@@ -8,6 +8,11 @@ intermediates (their task vector is intermediate - base) with fresh coefficients
 root, which is written to the output. Only one node's store is resident at a time: at most g
 task vectors, the base and one merged body, so peak memory follows g, not k.
 
+Distributed (under torchrun, deepspeed or accelerate launch; `supermerge.distributed`): a node
+trained by several ranks is laid out by `ShardPlan` (layer shards x task groups) and trained
+with `ShardedBody`; the first levels of the tree train their nodes in parallel on disjoint rank
+groups, then the ranks meet for the levels above. The leader rank of a group writes its files.
+
 `<output>.run/` keeps the state of an unfinished run: finished tree nodes and the checkpoint
 of W of the node being trained. `--resume` picks it up; it is removed when the run succeeds.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +34,10 @@ from supermerge.checkpoint import Checkpoint
 from supermerge.coefficients import CoefficientLayout
 from supermerge.config import MergeConfig
 from supermerge.data import load_jsonl_data, load_tensor_data
+from supermerge.distributed.body import ShardedBody
+from supermerge.distributed.comm import Comm, close_comm, init_comm
+from supermerge.distributed.plan import ShardPlan
+from supermerge.distributed.shard_store import ShardStore
 from supermerge.errors import ConfigError, InputError, SupermergeError
 from supermerge.memory import TensorBytes, cuda_peak_bytes, peak_rss_bytes
 from supermerge.merge import MergeSummary, config_record, open_sources, write_extras, write_tensors
@@ -63,6 +73,8 @@ class NodeRecord:
         tracked_bytes: bytes of the store, the merged body and its gradient while training.
         seconds: wall time of the node, building the store included.
         train_seconds: wall time of the optimisation steps alone.
+        ranks: ranks that trained it.
+        comm_bytes_per_step: bytes one rank sent per training step, by collective tag.
     """
 
     node: str
@@ -76,6 +88,8 @@ class NodeRecord:
     tracked_bytes: int = 0
     seconds: float = 0.0
     train_seconds: float = 0.0
+    ranks: int = 1
+    comm_bytes_per_step: dict[str, int] = field(default_factory=dict)
 
 
 class LearnedMerge:
@@ -85,15 +99,25 @@ class LearnedMerge:
         cfg: a validated config whose method is supermerge or adamerging.
         overwrite: replace an existing output and discard an unfinished run's state.
         resume: continue an unfinished run from `<output>.run/`.
-        progress: show progress bars.
+        progress: show progress bars (leader rank only).
+        comm: the job's ranks (None: this process alone).
     """
 
     def __init__(
-        self, cfg: MergeConfig, overwrite: bool = False, resume: bool = False, progress: bool = True
+        self,
+        cfg: MergeConfig,
+        overwrite: bool = False,
+        resume: bool = False,
+        progress: bool = True,
+        comm: Comm | None = None,
     ):
-        self.cfg, self.progress = cfg, progress
+        self.cfg = cfg
+        self.comm = comm if comm is not None else Comm(None, [0], 0)
+        self.progress = progress and self.comm.is_leader
         self.params: SuperMergeParams = parse_params(LEARNED[cfg.method], cfg.method_params, "method")
         self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and self.comm.size > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         self.storage_dtype = STORAGE_DTYPES[self.params.storage_dtype]
         self.run_dir = cfg.output.parent / f"{cfg.output.name}.run"
         self.overwrite = overwrite
@@ -104,7 +128,10 @@ class LearnedMerge:
                     f"{self.run_dir}: an unfinished run is there; pass --resume to continue it "
                     "or --overwrite to start over"
                 )
-            shutil.rmtree(self.run_dir)
+            self.comm.barrier()  # every rank has seen the old run before the leader removes it
+            if self.comm.is_leader:
+                shutil.rmtree(self.run_dir)
+        self.comm.barrier()
         self.leaf_source = open_sources(cfg)
         self.base = self.leaf_source.base
         self.model: TaskModel = build_task_model(cfg.model, self.base)
@@ -148,41 +175,78 @@ class LearnedMerge:
             tasks[expert.name] = Task(expert.name, data, {n: t.to(self.device) for n, t in head.items()})
         return tasks
 
+    def plan(self, source: TaskVectorSource, layout: CoefficientLayout, ranks: int, groups: int) -> ShardPlan:
+        """The layout of a node's task vectors over `ranks` ranks with `groups` task groups."""
+        names = source.names
+        infos = self.base.infos
+        dtypes = {infos[n].dtype for n in names}
+        base_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        spec = self.cfg.distributed
+        return ShardPlan(
+            names, [infos[n].numel for n in names], [e.name for e in source.experts], ranks, groups,
+            self.storage_dtype.itemsize, base_dtype.itemsize, layout.groups, spec.offload,
+            spec.memory_per_rank,
+        )  # fmt: skip
+
+    def _body(
+        self, source: TaskVectorSource, layout: CoefficientLayout, init: float, comm: Comm
+    ) -> MergedBody | ShardedBody:
+        """One process: the whole store; several ranks: this rank's shard of the node's plan."""
+        if comm.size == 1:
+            store = TaskVectorStore.build(source, self.storage_dtype, self.device, self.progress)
+            return MergedBody(store, layout, init, self.params.impl)
+        groups = self.cfg.distributed.task_groups if comm is self.comm else 1
+        plan = self.plan(source, layout, comm.size, groups)
+        if comm.is_leader:
+            log.info("%s", plan.describe())
+        p, _ = plan.coords(comm.rank)
+        # the Q ranks of one layer shard; new groups are made by every rank of the job
+        shard_comm = (
+            comm.split([plan.coords(r)[0] for r in range(comm.size)], "shard") if groups > 1 else None
+        )
+        store = ShardStore.build(source, plan, comm.rank, self.storage_dtype, self.device, self.progress)
+        single = Comm(None, [comm.global_rank], 0, comm.stats, f"shard{p}")
+        return ShardedBody(store, layout, comm, shard_comm or single, init, self.params.impl)
+
     def train_node(
-        self, node: str, children: list[Expert], leaves: list[str], init: float
-    ) -> tuple[MergedBody, TaskVectorSource, NodeRecord]:
-        """Build the store of `children`, learn W on the leaves' tasks; returns the trained body."""
+        self, node: str, children: list[Expert], leaves: list[str], init: float, comm: Comm
+    ) -> tuple[MergedBody | ShardedBody, TaskVectorSource, NodeRecord]:
+        """Build the store of `children` (this rank's shard of it), learn W on the leaves' tasks."""
         start = time.perf_counter()
         source = TaskVectorSource(self.base, children, self.cfg.heads, self.storage_dtype)
-        store = TaskVectorStore.build(source, self.storage_dtype, self.device, self.progress)
-        layout = CoefficientLayout.build(store.names, self.params.granularity, self.params.blocks)
-        body = MergedBody(store, layout, init, self.params.impl)
+        layout = CoefficientLayout.build(source.names, self.params.granularity, self.params.blocks)
+        body = self._body(source, layout, init, comm)
         self.run_dir.mkdir(exist_ok=True)
         trainer = CoefficientTrainer(
             body, self.model, [self.tasks[t] for t in leaves], self.fixed,
-            self.params.train_config(), self.run_dir / f"{node}.state.pt",
+            self.params.train_config(), self.run_dir / f"{node}.state.pt", comm,
         )  # fmt: skip
         log.info("node %s: %d inputs, %d tasks, W %s", node, len(children), len(leaves), tuple(body.w.shape))
         before = trainer.accuracy()
+        comm.stats.reset()
         train_start = time.perf_counter()
         history = trainer.train(resume=True, progress=self.progress)
         train_seconds = time.perf_counter() - train_start
+        steps_run = max(1, len(history.losses) - history.resumed_at)
+        traffic = {tag: b // steps_run for tag, b in comm.stats.bytes_by_tag.items() if tag != "barrier"}
         after = trainer.accuracy()
         self.bytes_read += source.bytes_read
-        merged_bytes = store.base_flat.numel() * store.base_flat.element_size()
-        tracked = store.nbytes + 2 * merged_bytes  # the merged body (its leaf shares it) + its gradient
-        self.held.observe(tracked)
+        self.held.observe(body.tracked_bytes)
         record = NodeRecord(
             node, [c.name for c in children], leaves, layout.labels, body.coefficients().tolist(),
-            history.losses, before, after, tracked, time.perf_counter() - start, train_seconds,
+            history.losses, before, after, body.tracked_bytes, time.perf_counter() - start, train_seconds,
+            comm.size, traffic,
         )  # fmt: skip
-        self.records.append(record)
         return body, source, record
 
     def _write_node(
-        self, node_dir: Path, body: MergedBody, source: TaskVectorSource, record: NodeRecord
-    ) -> None:
-        merged = body.merged_tensors()
+        self, node_dir: Path, body: MergedBody | ShardedBody, source: TaskVectorSource, record: NodeRecord,
+        comm: Comm,
+    ) -> None:  # fmt: skip
+        merged = body.merged_tensors()  # collective: every rank of `comm` takes part
+        if not comm.is_leader:
+            return
+        (self.run_dir / "tree").mkdir(parents=True, exist_ok=True)
         with ShardedWriter(node_dir, self.cfg.shard_size, overwrite=True) as writer:
             write_tensors(writer, source, merged.__getitem__, None, progress=False)
             for path in self.base.carried:
@@ -200,7 +264,31 @@ class LearnedMerge:
             if any(len(group) > g for group in self.params.groups):
                 raise ConfigError("method.groups", f"a group is larger than group_size {g}")
             return [[by_name[n] for n in group] for group in self.params.groups]
-        return similarity_groups(self.base, children, g, self.params.similarity_tensors, self.cfg.heads)
+        names = None
+        if self.comm.is_leader:  # one answer for every rank
+            groups = similarity_groups(self.base, children, g, self.params.similarity_tensors, self.cfg.heads)
+            names = [[c.name for c in group] for group in groups]
+        names = self.comm.broadcast_object(names)
+        by_name = {c.name: c for c in children}
+        return [[by_name[n] for n in group] for group in names]
+
+    def _train_level(self, level: int, todo: list[tuple[str, list[Expert], list[str]]]) -> None:
+        """Train and write a level's nodes; with several ranks, up to one node per rank group at once."""
+        init = self.params.init if level == 0 else self.params.upper_init
+        size = self.comm.size
+        for first in range(0, len(todo), size):
+            wave = todo[first : first + size]
+            comm = self.comm
+            mine = 0
+            if size > 1:
+                colors = [r * len(wave) // size for r in range(size)]
+                comm = self.comm.split(colors, f"level{level}-node")
+                mine = colors[self.comm.rank]
+            for node, group, leaves in wave if size == 1 else [wave[mine]]:
+                body, source, record = self.train_node(node, group, leaves, init, comm)
+                self._write_node(self.run_dir / "tree" / node, body, source, record, comm)
+                del body, source
+        self.comm.barrier()
 
     def run(self) -> MergeSummary:
         """Train the tree (or the flat merge) and write the output; returns the summary."""
@@ -210,38 +298,45 @@ class LearnedMerge:
         g = self.params.group_size
         level = 0
         while g and len(children) > g:
+            groups = self._groups(children, level)
+            nodes = {f"level{level}-node{j}": group for j, group in enumerate(groups) if len(group) > 1}
+            for node, group in nodes.items():
+                leaves_of[node] = [leaf for c in group for leaf in leaves_of[c.name]]
+            todo = [
+                (node, group, leaves_of[node])
+                for node, group in nodes.items()
+                if not (self.run_dir / "tree" / node / "node.json").exists()
+            ]
+            for node in nodes:
+                if node not in {t[0] for t in todo}:
+                    log.info("node %s: finished in an earlier run, reused", node)
+            self._train_level(level, todo)
             next_children = []
-            for j, group in enumerate(self._groups(children, level)):
-                if len(group) == 1:
+            for j, group in enumerate(groups):
+                node = f"level{level}-node{j}"
+                if node not in nodes:
                     next_children.append(group[0])
                     continue
-                node = f"level{level}-node{j}"
                 node_dir = self.run_dir / "tree" / node
-                leaves = [leaf for c in group for leaf in leaves_of[c.name]]
-                if (node_dir / "node.json").exists():
-                    log.info("node %s: finished in an earlier run, reused", node)
-                    self.records.append(NodeRecord(**json.loads((node_dir / "node.json").read_text())))
-                else:
-                    init = self.params.init if level == 0 else self.params.upper_init
-                    body, source, record = self.train_node(node, group, leaves, init)
-                    (self.run_dir / "tree").mkdir(parents=True, exist_ok=True)
-                    self._write_node(node_dir, body, source, record)
-                    del body, source
+                self.records.append(NodeRecord(**json.loads((node_dir / "node.json").read_text())))
                 next_children.append(Expert(node, Checkpoint(node_dir)))
-                leaves_of[node] = leaves
             children, level = next_children, level + 1
         leaves = [leaf for c in children for leaf in leaves_of[c.name]]
         body, source, record = self.train_node(
-            "root", children, leaves, self.params.init if level == 0 else self.params.upper_init
+            "root", children, leaves, self.params.init if level == 0 else self.params.upper_init, self.comm
         )
+        self.records.append(record)
         return self._write_output(body, source, record, start)
 
     def _write_output(
-        self, body: MergedBody, source: TaskVectorSource, root: NodeRecord, start: float
+        self, body: MergedBody | ShardedBody, source: TaskVectorSource, root: NodeRecord, start: float
     ) -> MergeSummary:
         cfg = self.cfg
-        merged = body.merged_tensors()
+        merged = body.merged_tensors()  # collective
         effective = effective_coefficients(self.records, [t for t in self.tasks])
+        if not self.comm.is_leader:
+            self.comm.barrier()  # the leader writes; return once the output is in place
+            return self._summary(start, root, None)
         with ShardedWriter(cfg.output, cfg.shard_size, self.overwrite) as writer:
             write_tensors(writer, source, merged.__getitem__, cfg.dtype, self.progress)
             coefficients = {
@@ -259,25 +354,32 @@ class LearnedMerge:
                 f"{cfg.method}: effective coefficient per task and {self.params.granularity}",
             )  # fmt: skip
             plot_losses(tmp / "loss.png", {r.node: r.losses for r in self.records})
-            g = self.params.group_size
-            summary = MergeSummary(
-                output=str(cfg.output),
-                method=f"{cfg.method} (hierarchical, g={g})" if g else cfg.method,
-                experts=len(self.tasks),
-                tensors=len(self.base.names),
-                bytes_read=self.bytes_read + self.leaf_source.bytes_read,
-                bytes_written=writer.bytes_written,
-                seconds=time.perf_counter() - start,
-                peak_rss_bytes=peak_rss_bytes(),
-                peak_tensor_bytes=self.held.peak,
-                peak_cuda_bytes=cuda_peak_bytes(cfg.device),
-                validation_accuracy=root.accuracy_after,
-            )  # fmt: skip
+            summary = self._summary(start, root, writer)
             record = {"config": config_record(cfg) | {"method": {"name": cfg.method, **asdict(self.params)}}}
             write_extras(writer, self.leaf_source, record | {"summary": asdict(summary)})
             writer.commit()
         shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.comm.barrier()
         return summary
+
+    def _summary(self, start: float, root: NodeRecord, writer: ShardedWriter | None) -> MergeSummary:
+        g = self.params.group_size
+        method = f"{self.cfg.method} (hierarchical, g={g})" if g else self.cfg.method
+        return MergeSummary(
+            output=str(self.cfg.output),
+            method=method + (f" on {self.comm.size} ranks" if self.comm.size > 1 else ""),
+            experts=len(self.tasks),
+            tensors=len(self.base.names),
+            bytes_read=self.bytes_read + self.leaf_source.bytes_read,
+            bytes_written=writer.bytes_written if writer is not None else 0,
+            seconds=time.perf_counter() - start,
+            peak_rss_bytes=peak_rss_bytes(),
+            peak_tensor_bytes=self.held.peak,
+            peak_cuda_bytes=cuda_peak_bytes(str(self.device)),
+            validation_accuracy=root.accuracy_after,
+            ranks=self.comm.size,
+            comm_bytes_per_step=root.comm_bytes_per_step,
+        )
 
 
 def effective_coefficients(records: list[NodeRecord], tasks: list[str]) -> dict[str, list[float]]:
@@ -336,5 +438,8 @@ def similarity_groups(
 def run_learned_merge(
     cfg: MergeConfig, overwrite: bool = False, resume: bool = False, progress: bool = True
 ) -> MergeSummary:
-    """Run a learned merge per `cfg` (see LearnedMerge)."""
-    return LearnedMerge(cfg, overwrite, resume, progress).run()
+    """Run a learned merge per `cfg` (see LearnedMerge), on every rank the launcher started."""
+    comm = init_comm(cfg.device, cfg.distributed.timeout_s)
+    summary = LearnedMerge(cfg, overwrite, resume, progress, comm).run()
+    close_comm(comm)
+    return summary

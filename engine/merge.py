@@ -42,9 +42,13 @@ class MergeSummary:
     peak_tensor_bytes: int
     peak_cuda_bytes: int | None
     validation_accuracy: dict[str, float] | None = None
+    ranks: int = 1
+    comm_bytes_per_step: dict[str, int] | None = None
 
     def line(self) -> str:
         cuda = f", peak CUDA {human_bytes(self.peak_cuda_bytes)}" if self.peak_cuda_bytes else ""
+        if self.comm_bytes_per_step:
+            cuda += f", {human_bytes(sum(self.comm_bytes_per_step.values()))} sent per step and rank"
         if self.validation_accuracy:
             mean = sum(self.validation_accuracy.values()) / len(self.validation_accuracy)
             cuda += f", mean validation accuracy {mean:.3f}"

@@ -38,11 +38,35 @@ class MergedBody(nn.Module):
         self.impl = impl
         device = store.base_flat.device
         self.w = nn.Parameter(torch.full((store.k, layout.groups), math.atanh(init), device=device))
+        self._merged: torch.Tensor | None = None
 
     def merged_flat(self) -> torch.Tensor:
         """[N] merged weights in the base's dtype, differentiable w.r.t. W."""
         s = self.store
         return grouped_weighted_sum(s.base_flat, s.tau_flat, self.layout.expand(self.w), s.offsets, self.impl)
+
+    @property
+    def names(self) -> list[str]:
+        return self.store.names
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.store.split(flat)
+
+    def forward(self) -> torch.Tensor:
+        """[N] merged weights, detached; `backward` then sends their gradient to W."""
+        self._merged = self.merged_flat()
+        return self._merged.detach()
+
+    def backward(self, grad: torch.Tensor) -> None:
+        """Accumulate dLoss/dW into w.grad from dLoss/dmerged [N] of the last `forward`."""
+        self._merged.backward(grad)
+        self._merged = None
+
+    @property
+    def tracked_bytes(self) -> int:
+        """Bytes of the store, the merged body and its gradient."""
+        merged = self.store.base_flat
+        return self.store.nbytes + 2 * merged.numel() * merged.element_size()
 
     @torch.no_grad()
     def merged_tensors(self) -> dict[str, torch.Tensor]:

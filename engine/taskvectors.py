@@ -132,16 +132,16 @@ class TaskVectorSource:
                     name,
                 )
 
-    def _read(self, checkpoint: Checkpoint, name: str) -> torch.Tensor:
-        tensor = checkpoint.read(name)
-        self.bytes_read += checkpoint.infos[name].nbytes
+    def _read(self, checkpoint: Checkpoint, name: str, span: tuple[int, int] | None = None) -> torch.Tensor:
+        tensor = checkpoint.read(name) if span is None else checkpoint.read_range(name, *span)
+        self.bytes_read += tensor.numel() * tensor.element_size()
         if self.check_finite_values:
             check_finite(tensor, checkpoint, name)
         return tensor
 
-    def read_base(self, name: str) -> torch.Tensor:
-        """Base tensor `name` in fp32."""
-        return self._read(self.base, name).float()
+    def read_base(self, name: str, span: tuple[int, int] | None = None) -> torch.Tensor:
+        """Base tensor `name` in fp32 (only its flattened elements [lo, hi) when `span` is given)."""
+        return self._read(self.base, name, span).float()
 
     def task_vectors(self, name: str, base: torch.Tensor) -> list[torch.Tensor]:
         """The k task vectors of tensor `name`, each (expert - base) in fp32, cast to storage dtype.
@@ -154,11 +154,14 @@ class TaskVectorSource:
         """
         return [self.task_vector(name, base, i) for i in range(self.k)]
 
-    def task_vector(self, name: str, base: torch.Tensor, index: int) -> torch.Tensor:
-        """Task vector of expert `index` for tensor `name` (see `task_vectors`)."""
+    def task_vector(
+        self, name: str, base: torch.Tensor, index: int, span: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Task vector of expert `index` for tensor `name` (see `task_vectors`); with `span`, only
+        its flattened elements [lo, hi), `base` then being the same span of the base."""
         expert = self.experts[index].checkpoint
         # a copy: read() may hand out memory-mapped data that must not change
-        tau = self._read(expert, name).to(base.device, torch.float32, copy=True).sub_(base)
+        tau = self._read(expert, name, span).to(base.device, torch.float32, copy=True).sub_(base)
         return tau.to(self.storage_dtype)
 
     def heads(self, expert: Expert) -> dict[str, torch.Tensor]:

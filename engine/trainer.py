@@ -1,13 +1,16 @@
 """Learning W by gradient descent on the tasks' validation sets.
 
 One step, top to bottom:
-  1. merged = body.merged_flat()                   fused weighted sum, graph back to W
-  2. leaves = merged.detach(), one per tensor      the merged body, shared by every task;
+  1. merged = body.forward()                       fused weighted sum [N] (distributed: each
+                                                   rank's shard, then all-gathered)
+  2. leaves = views of merged, one per tensor      the merged body, shared by every task;
                                                    their .grad are views of one flat buffer g
-  3. for each task, for each micro-batch:           one graph alive at a time
+  3. for each task, for each micro-batch:           one graph alive at a time (distributed:
          loss = objective(logits(leaves, head_task, batch)) / (n_task * k); loss.backward()
-     -> g = dL/d(theta_m), summed over tasks
-  4. merged.backward(g)                            fused gradient: dW = (1 - tanh^2) <g, tau>
+     -> g = dL/d(theta_m), summed over tasks        the batches are dealt over the ranks)
+  4. body.backward(g)                              fused gradient: dW = (1 - tanh^2) <g, tau>
+                                                   (distributed: g reduce-scattered to the
+                                                   shard owners, dW all-reduced)
   5. Adam step on W
 Memory does not grow with the number of tasks: one merged body, one micro-batch graph.
 Every `checkpoint_every` steps the state (W, Adam, step, history) is saved atomically;
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +30,8 @@ import torch
 from tqdm import tqdm
 
 from supermerge.data import TaskData
+from supermerge.distributed.body import ShardedBody
+from supermerge.distributed.comm import Comm
 from supermerge.errors import SupermergeError
 from supermerge.merged_body import MergedBody
 from supermerge.objectives import resolve_objective
@@ -73,6 +79,7 @@ class History:
 
     losses: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
+    resumed_at: int = 0  # the step this run started from
 
     @property
     def steps(self) -> int:
@@ -88,54 +95,67 @@ class CoefficientTrainer:
         tasks: tasks whose losses are averaged (each task weighs 1/len(tasks)).
         fixed: base tensors that are not merged (buffers), passed to every forward.
         cfg: optimisation settings.
-        state_path: where the training state is checkpointed (None: never).
+        state_path: where the training state is checkpointed (None: never); the leader rank
+            writes it, every rank reads it on resume.
+        comm: the ranks training together (None: this process alone); they split the
+            micro-batches and sum losses and gradients.
     """
 
     def __init__(
         self,
-        body: MergedBody,
+        body: MergedBody | ShardedBody,
         model: TaskModel,
         tasks: list[Task],
         fixed: Tensors,
         cfg: TrainConfig,
         state_path: Path | None = None,
+        comm: Comm | None = None,
     ) -> None:
         self.body, self.model, self.tasks, self.fixed, self.cfg = body, model, tasks, fixed, cfg
+        self.comm = comm if comm is not None else Comm(None, [0], 0)
+        self._dealt = 0
         self.objective = resolve_objective(cfg.objective)
         self.state_path = state_path
         self.optimizer = torch.optim.Adam([body.w], lr=cfg.lr)
         self.device = body.w.device
 
+    def _my_batches(self, task: Task) -> Iterator[tuple[dict, torch.Tensor | None]]:
+        """The micro-batches of `task` this rank computes: the job's (task, batch) pairs are
+        dealt round-robin over the ranks, so the ranks together see every batch once."""
+        for inputs, labels in task.data.batches(self.cfg.batch_size, self.device):
+            if self._dealt % self.comm.size == self.comm.rank:
+                yield inputs, labels
+            self._dealt += 1
+
     def losses_and_grad(self) -> dict[str, float]:
         """Mean loss per task at the current W; leaves dLoss/dW in body.w.grad."""
-        merged = self.body.merged_flat()
-        store = self.body.store
+        merged = self.body.forward()
         grad = torch.zeros_like(merged)
         # One leaf per tensor, sharing the merged storage, with its .grad a view of `grad`:
         # autograd accumulates each tensor's gradient in place, so nothing of size N is
         # allocated per tensor (a single leaf with views would expand every view's gradient to N).
         body = {}
         for name, view, grad_view in zip(
-            store.names, store.split(merged.detach()).values(), store.split(grad).values(), strict=True
+            self.body.names, self.body.split(merged).values(), self.body.split(grad).values(), strict=True
         ):
             leaf = view.requires_grad_()
             leaf.grad = grad_view
             body[name] = leaf
         params = {**self.fixed, **body}
-        losses = {}
-        for task in self.tasks:
-            total = 0.0
+        totals = torch.zeros(len(self.tasks), dtype=torch.float64)
+        self._dealt = 0
+        for t, task in enumerate(self.tasks):
             scale = 1.0 / (len(task.data) * len(self.tasks))
-            for inputs, labels in task.data.batches(self.cfg.batch_size, self.device):
+            for inputs, labels in self._my_batches(task):
                 loss = self.objective(self.model.logits(params, task.head, inputs), labels)
                 (loss * scale).backward()
-                total += float(loss.detach())
-            losses[task.name] = total / len(task.data)
-        for leaf, grad_view in zip(body.values(), store.split(grad).values(), strict=True):
+                totals[t] += float(loss.detach())
+        for leaf, grad_view in zip(body.values(), self.body.split(grad).values(), strict=True):
             if leaf.grad is not grad_view:  # autograd replaced it instead of adding in place
                 grad_view.copy_(leaf.grad)
-        merged.backward(grad)
-        return losses
+        self.body.backward(grad)
+        self.comm.all_reduce(totals, "loss")
+        return {task.name: float(totals[t]) / len(task.data) for t, task in enumerate(self.tasks)}
 
     def _fingerprint(self) -> dict:
         cfg = asdict(self.cfg)
@@ -175,8 +195,11 @@ class CoefficientTrainer:
         step, history, best, stale = 0, History(), float("inf"), 0
         if resume and self.state_path is not None and self.state_path.exists():
             step, history, best, stale = self._load()
+            history.resumed_at = step
         bar = tqdm(total=self.cfg.steps, initial=step, desc="supermerge", unit="step", disable=not progress)
         while step < self.cfg.steps and not history.stopped_early:
+            self.comm.step = step + 1
+            _maybe_die_for_test(self.comm.global_rank, step + 1)
             self.optimizer.zero_grad(set_to_none=True)
             losses = self.losses_and_grad()
             self.optimizer.step()
@@ -190,8 +213,10 @@ class CoefficientTrainer:
             history.stopped_early = 0 < self.cfg.early_stop_patience <= stale
             bar.set_postfix({"loss": f"{mean:.4f}", **{t: f"{v:.3f}" for t, v in losses.items()}})
             bar.update()
-            if self.state_path is not None and (
-                step % self.cfg.checkpoint_every == 0 or step == self.cfg.steps or history.stopped_early
+            if (
+                self.state_path is not None
+                and self.comm.is_leader
+                and (step % self.cfg.checkpoint_every == 0 or step == self.cfg.steps or history.stopped_early)
             ):
                 self._save(step, history, best, stale)
         bar.close()
@@ -201,12 +226,20 @@ class CoefficientTrainer:
     def accuracy(self) -> dict[str, float]:
         """Validation accuracy per task at the current W (tasks with labels only)."""
         params = {**self.fixed, **self.body.merged_tensors()}
-        result = {}
-        for task in self.tasks:
-            if task.data.labels is None:
-                continue
-            correct = 0
-            for inputs, labels in task.data.batches(self.cfg.batch_size, self.device):
-                correct += int((self.model.logits(params, task.head, inputs).argmax(-1) == labels).sum())
-            result[task.name] = correct / len(task.data)
-        return result
+        labelled = [task for task in self.tasks if task.data.labels is not None]
+        correct = torch.zeros(len(labelled), dtype=torch.float64)
+        self._dealt = 0
+        for t, task in enumerate(labelled):
+            for inputs, labels in self._my_batches(task):
+                correct[t] += int((self.model.logits(params, task.head, inputs).argmax(-1) == labels).sum())
+        self.comm.all_reduce(correct, "accuracy")
+        return {task.name: float(correct[t]) / len(task.data) for t, task in enumerate(labelled)}
+
+
+def _maybe_die_for_test(rank: int, step: int) -> None:
+    """Test hook for fault handling: SUPERMERGE_TEST_KILL="RANK:STEP" SIGKILLs that rank as it
+    starts that step (the fault tests kill one rank of a running job this way)."""
+    target = os.environ.get("SUPERMERGE_TEST_KILL")
+    if target and target == f"{rank}:{step}":
+        log.error("rank %d: killed by SUPERMERGE_TEST_KILL at step %d", rank, step)
+        os.kill(os.getpid(), 9)

@@ -1,0 +1,112 @@
+"""The merged body over sharded task vectors: the distributed SuperMerge step's tensor traffic.
+
+Same interface as `supermerge.merged_body.MergedBody` (forward / backward / merged_tensors /
+split / coefficients), so `CoefficientTrainer` runs either. W [k, G] is replicated: every rank
+applies the same all-reduced dW with the same Adam, so W stays identical without broadcasts.
+The data flow is in `supermerge.distributed.plan`'s docstring.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from supermerge.coefficients import CoefficientLayout
+from supermerge.distributed.comm import Comm
+from supermerge.distributed.shard_store import ShardStore
+from supermerge.kernels import grouped_weighted_sum
+
+
+class ShardedBody(nn.Module):
+    """Learnable coefficients over the task-vector shards of every rank of `comm`.
+
+    Args:
+        store: this rank's share of the task vectors.
+        layout: column of W for each tensor (global).
+        comm: the ranks training this merge (the plan's ranks, in order).
+        shard_comm: the Q ranks holding the same layer shard (this rank's task group among them).
+        init: initial coefficient tanh(w).
+        impl: kernel implementation.
+    """
+
+    def __init__(
+        self,
+        store: ShardStore,
+        layout: CoefficientLayout,
+        comm: Comm,
+        shard_comm: Comm,
+        init: float = 0.3,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.store, self.layout, self.comm, self.shard_comm, self.impl = store, layout, comm, shard_comm, impl
+        device = store.tau_local.device
+        k = len(store.plan.tasks)
+        self.w = nn.Parameter(torch.full((k, layout.groups), math.atanh(init), device=device))
+        self._rows = torch.tensor(store.rows, dtype=torch.int64, device=device)
+        self._columns = layout.column[store.segment_tensor].to(device)
+        self._partial: torch.Tensor | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return self.store.names
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.store.split(flat)
+
+    def _local_partial(self) -> torch.Tensor:
+        """[n] fp32 sum over this rank's tasks of tanh(w) tau over its layer shard."""
+        tau = self.store.tau_local
+        if tau.shape[1] == 0:
+            return torch.zeros(0, device=tau.device)
+        coefficients = self.w.index_select(0, self._rows).index_select(1, self._columns)
+        zero = torch.zeros(tau.shape[1], dtype=torch.float32, device=tau.device)
+        return grouped_weighted_sum(zero, tau, coefficients, self.store.offsets, self.impl)
+
+    def forward(self) -> torch.Tensor:
+        """[N] full merged body (detached), gathered from every rank's piece; keeps the local graph."""
+        plan, store = self.store.plan, self.store
+        partial = self._local_partial()
+        self._partial = partial if partial.requires_grad else None
+        shard = torch.zeros(plan.shard_size, dtype=torch.float32, device=partial.device)
+        shard[: partial.numel()] = partial.detach()
+        piece = torch.empty(plan.piece, dtype=torch.float32, device=partial.device)
+        self.shard_comm.reduce_scatter(piece, shard, "partial")
+        piece = piece.add_(store.base_piece).to(store.base_dtype)
+        full = torch.empty(plan.ranks * plan.piece, dtype=store.base_dtype, device=piece.device)
+        self.comm.all_gather(full, piece, "merged")
+        return full[: plan.n]
+
+    def backward(self, grad: torch.Tensor) -> None:
+        """Turn this rank's dLoss/dmerged [N] into the job's dLoss/dW in `w.grad` (all ranks alike)."""
+        plan = self.store.plan
+        padded = torch.zeros(plan.ranks * plan.piece, dtype=torch.float32, device=grad.device)
+        padded[: plan.n] = grad
+        piece = torch.empty(plan.piece, dtype=torch.float32, device=grad.device)
+        self.comm.reduce_scatter(piece, padded, "grad")
+        shard = torch.empty(plan.shard_size, dtype=torch.float32, device=grad.device)
+        self.shard_comm.all_gather(shard, piece, "grad shard")
+        if self._partial is not None:
+            self._partial.backward(shard[: self._partial.numel()])
+            self._partial = None
+        if self.w.grad is None:
+            self.w.grad = torch.zeros_like(self.w)
+        self.comm.all_reduce(self.w.grad, "dW")
+
+    @torch.no_grad()
+    def merged_tensors(self) -> dict[str, torch.Tensor]:
+        """The full merged weights by tensor name, without a graph (collective: every rank calls it)."""
+        return self.split(self.forward())
+
+    def coefficients(self) -> torch.Tensor:
+        """tanh(W), [k, G], detached fp32 on the CPU."""
+        return torch.tanh(self.w.detach()).float().cpu()
+
+    @property
+    def tracked_bytes(self) -> int:
+        """Bytes of the shard, the gathered body and its gradient (with its fp32 staging)."""
+        plan = self.store.plan
+        itemsize = torch.empty((), dtype=self.store.base_dtype).element_size()
+        return self.store.nbytes + plan.ranks * plan.piece * (2 * itemsize + 4)

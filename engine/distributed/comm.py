@@ -1,0 +1,247 @@
+"""Process groups for the distributed engine: launch detection, counted collectives, fault reports.
+
+The same `supermerge merge` runs as one process (no launcher: a `Comm` of size 1 whose
+collectives are no-ops), or under torchrun, `deepspeed` or `accelerate launch`, which all set
+RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. Backend: gloo for CPU, NCCL for CUDA.
+
+Every collective goes through `Comm`, which
+- counts the bytes each rank sends into it (`CommStats`), the figure the plan and the
+  benchmarks report;
+- turns a failure (a peer killed, crashed or timed out) into `PeerFailure`, whose message names
+  the rank(s) that stopped answering: each rank records in the launcher's key-value store that
+  it is alive and whether it failed, so the survivors can tell who is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from supermerge.errors import SupermergeError
+
+log = logging.getLogger(__name__)
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+DEFAULT_TIMEOUT_S = 300
+FAILED_KEY = "supermerge/failed/{rank}"
+# torch 2.13 renamed the flat-tensor collectives (the old names warn); same arguments
+_ALL_GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+# ... and torch's own helpers still call the old names, which would warn on every step
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+
+class PeerFailure(SupermergeError):
+    """A collective failed because another rank died or stopped answering."""
+
+
+@dataclass
+class CommStats:
+    """Bytes this rank sent, per tag ("merged", "grad", "dW", ...), since the last reset.
+
+    Counted as a ring algorithm moves them: all_gather (size - 1) x input, reduce_scatter
+    (size - 1) / size x input, all_reduce 2 (size - 1) / size x input.
+    """
+
+    bytes_by_tag: dict[str, int] = field(default_factory=dict)
+    calls_by_tag: dict[str, int] = field(default_factory=dict)
+
+    def add(self, tag: str, nbytes: int) -> None:
+        self.bytes_by_tag[tag] = self.bytes_by_tag.get(tag, 0) + nbytes
+        self.calls_by_tag[tag] = self.calls_by_tag.get(tag, 0) + 1
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_by_tag.values())
+
+    def reset(self) -> None:
+        self.bytes_by_tag.clear()
+        self.calls_by_tag.clear()
+
+
+class Comm:
+    """A group of ranks (the whole job, or a subgroup) and its counted collectives.
+
+    Attributes:
+        group: the torch process group (None when the job is one process).
+        ranks: global ranks of the members, in group order.
+        rank: this process's index in `ranks`.
+        stats: bytes this rank sent, shared by the subgroups split from this Comm.
+    """
+
+    def __init__(
+        self, group: Any, ranks: list[int], rank: int, stats: CommStats | None = None, label: str = "world"
+    ) -> None:
+        self.group, self.ranks, self.rank = group, ranks, rank
+        self.stats = stats if stats is not None else CommStats()
+        self.label = label
+        self.step: int | None = None  # the training step, for error messages
+        self.failing = False
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def global_rank(self) -> int:
+        return self.ranks[self.rank]
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    def _run(self, op: str, tag: str, nbytes: float, call: Callable[[], Any]) -> Any:
+        if self.size == 1:
+            return None
+        self.stats.add(tag, int(nbytes))
+        try:
+            return call()
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise self._failure(op, e) from None
+
+    def all_reduce(self, tensor: torch.Tensor, tag: str) -> None:
+        """In-place sum over the group."""
+        wire = 2 * (self.size - 1) / self.size * _nbytes(tensor)
+        self._run("all_reduce", tag, wire, lambda: dist.all_reduce(tensor, group=self.group))
+
+    def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, tag: str) -> None:
+        """out (inp's size / group size) = this rank's piece of the sum of every rank's inp."""
+        if self.size == 1:
+            out.copy_(inp)
+            return
+        wire = (self.size - 1) / self.size * _nbytes(inp)
+        self._run("reduce_scatter", tag, wire, lambda: dist.reduce_scatter_tensor(out, inp, group=self.group))
+
+    def all_gather(self, out: torch.Tensor, inp: torch.Tensor, tag: str) -> None:
+        """out = every rank's inp, concatenated in group order."""
+        if self.size == 1:
+            out.copy_(inp)
+            return
+        wire = (self.size - 1) * _nbytes(inp)
+        self._run("all_gather", tag, wire, lambda: dist.all_gather_into_tensor(out, inp, group=self.group))
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """The leader's `obj` on every rank (small Python objects only)."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        self._run(
+            "broadcast",
+            "objects",
+            0,
+            lambda: dist.broadcast_object_list(box, src=self.ranks[0], group=self.group),
+        )
+        return box[0]
+
+    def barrier(self) -> None:
+        self._run("barrier", "barrier", 0, lambda: dist.barrier(group=self.group))
+
+    def split(self, colors: list[int], label: str) -> Comm:
+        """Subgroups by color (one per global rank of this group); returns this rank's.
+
+        Collective over the whole job: every rank must call it with the same colors.
+        """
+        if len(colors) != self.size:
+            raise ValueError(f"need one color per rank of {self.label}, got {len(colors)}")
+        mine = None
+        for color in sorted(set(colors)):
+            members = [r for r, c in zip(self.ranks, colors, strict=True) if c == color]
+            group = dist.new_group(members) if self.size > 1 else None
+            if color == colors[self.rank]:
+                mine = Comm(group, members, members.index(self.global_rank), self.stats, f"{label}{color}")
+        assert mine is not None
+        return mine
+
+    def _failure(self, op: str, error: Exception) -> PeerFailure:
+        """Record this rank's failure in the store, wait briefly for the other survivors to do the
+        same, and name the ranks that did not: those died or hang."""
+        where = f"{op} over {self.label} (ranks {self.ranks})" + (
+            f" at step {self.step}" if self.step is not None else ""
+        )
+        self.failing = True
+        if op.startswith("signal"):
+            where = op + (f" at step {self.step}" if self.step is not None else "")
+        store = _default_store()
+        missing: list[int] | None = None
+        if store is not None:
+            try:
+                store.set(FAILED_KEY.format(rank=self.global_rank), where)
+                deadline = time.monotonic() + 3.0
+                while True:
+                    keys = [FAILED_KEY.format(rank=r) for r in self.ranks]
+                    missing = [r for r, key in zip(self.ranks, keys, strict=True) if not store.check([key])]
+                    if not missing or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.2)
+            except (RuntimeError, dist.DistError):  # the store lived in a rank that is gone
+                missing = None
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if missing:
+            who = f"rank {missing[0]}" if len(missing) == 1 else f"ranks {missing}"
+            return PeerFailure(f"rank {self.global_rank}: {who} stopped answering during {where} ({first})")
+        return PeerFailure(
+            f"rank {self.global_rank}: a peer rank failed during {where}; the rendezvous store is "
+            f"unreachable, so rank 0 (its host) is the likely one ({first})"
+        )
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _default_store() -> Any:
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError, AttributeError):
+        return None
+
+
+def launched() -> bool:
+    """True when a launcher (torchrun, deepspeed, accelerate) started this process as one of many."""
+    return all(v in os.environ for v in LAUNCH_VARS) and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def init_comm(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Comm:
+    """The job's Comm: joins the launcher's process group, or a size-1 Comm without a launcher.
+
+    Args:
+        device: "cpu" (gloo) or "cuda[:N]" (NCCL; each rank takes cuda:LOCAL_RANK).
+        timeout_s: how long a collective waits for a silent peer before failing.
+    """
+    if not launched():
+        return Comm(None, [0], 0)
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    world, rank = dist.get_world_size(), dist.get_rank()
+    log.info("rank %d of %d (%s)", rank, world, dist.get_backend())
+    comm = Comm(dist.group.WORLD, list(range(world)), rank)
+
+    def stopped_by_launcher(signum: int, frame: object) -> None:
+        # torchrun and the deepspeed launcher SIGTERM the other ranks when one dies: report who
+        if comm.failing:  # already reporting a failed collective
+            return
+        raise comm._failure(
+            f"signal {signal.Signals(signum).name} from the launcher", RuntimeError("stopped")
+        )
+
+    signal.signal(signal.SIGTERM, stopped_by_launcher)
+    return comm
+
+
+def close_comm(comm: Comm) -> None:
+    """Leave the process group cleanly (after a barrier, so no rank exits mid-collective)."""
+    if comm.size > 1 and dist.is_initialized():
+        comm.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,262 @@
+"""The scheduler: how the k x N task-vector matrix is laid over R ranks, and what that costs.
+
+Mesh: R = P layer shards x Q task groups; rank r has coordinates (p, q) = divmod(r, Q).
+- The N merged elements (tensors concatenated in model order, so contiguous runs of layers) are
+  padded to R * S and cut into R pieces of S elements; layer shard p is pieces p*Q .. p*Q+Q-1,
+  i.e. elements [p Q S, (p + 1) Q S).
+- The k tasks are cut into Q contiguous groups; rank (p, q) holds the task vectors of group q
+  over layer shard p, and the base over its own piece: k N / R task-vector elements per rank.
+
+One training step (supermerge.distributed.body):
+  forward   partial(p, q) = sum_{i in q} tanh(w_i) tau_i over shard p          local, fused kernel
+            reduce_scatter over the Q ranks of shard p -> merged piece (+ base)  (Q > 1 only)
+            all_gather over all R ranks -> the full merged body [N]
+  backward  reduce_scatter of dLoss/dmerged over all R ranks -> gradient piece
+            all_gather over the Q ranks of shard p -> gradient of shard p     (Q > 1 only)
+            local dot products with the group's task vectors -> partial dW [k, G]
+            all_reduce of dW (k x G floats: the only term that grows with k)
+so the tensor traffic per step is O(N), independent of k.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from supermerge.errors import SupermergeError
+from supermerge.memory import human_bytes
+
+if TYPE_CHECKING:
+    from supermerge.config import MergeConfig
+
+OFFLOAD_TARGETS = ("none", "cpu", "nvme")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The part of one tensor that falls in a layer shard.
+
+    Attributes:
+        tensor: index of the tensor (store order).
+        lo, hi: element range [lo, hi) within the flattened tensor.
+        start: offset of element lo within the shard.
+    """
+
+    tensor: int
+    lo: int
+    hi: int
+    start: int
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """The layout of one distributed learned merge (see module docstring).
+
+    Attributes:
+        names: the T merged tensor names, in order.
+        numels: elements of each tensor.
+        tasks: the k task names.
+        ranks: R.
+        task_groups: Q (P = R / Q layer shards).
+        storage_itemsize: bytes per task-vector element.
+        base_itemsize: bytes per merged (base) element.
+        columns: G, the columns of W.
+        offload: where task-vector shards live: "none" (the compute device), "cpu" or "nvme".
+        memory_per_rank: the bytes a rank may use (0: unchecked).
+    """
+
+    names: list[str]
+    numels: list[int]
+    tasks: list[str]
+    ranks: int
+    task_groups: int
+    storage_itemsize: int
+    base_itemsize: int
+    columns: int
+    offload: str = "none"
+    memory_per_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.ranks < 1:
+            raise SupermergeError(f"ranks: must be at least 1, got {self.ranks}")
+        if self.ranks % self.task_groups:
+            raise SupermergeError(
+                f"distributed.task_groups: {self.task_groups} does not divide the {self.ranks} ranks"
+            )
+        if self.task_groups > len(self.tasks):
+            raise SupermergeError(
+                f"distributed.task_groups: {self.task_groups} groups for only {len(self.tasks)} tasks"
+            )
+        if self.offload not in OFFLOAD_TARGETS:
+            raise SupermergeError(
+                f"distributed.offload: must be one of {OFFLOAD_TARGETS}, got {self.offload!r}"
+            )
+
+    @property
+    def n(self) -> int:
+        """N, merged elements."""
+        return sum(self.numels)
+
+    @property
+    def layer_shards(self) -> int:
+        """P."""
+        return self.ranks // self.task_groups
+
+    @property
+    def piece(self) -> int:
+        """S: elements per rank piece (N padded to R S)."""
+        return max(1, math.ceil(self.n / self.ranks))
+
+    @property
+    def shard_size(self) -> int:
+        """Q S: elements per layer shard (padded)."""
+        return self.task_groups * self.piece
+
+    def coords(self, rank: int) -> tuple[int, int]:
+        """(layer shard p, task group q) of a rank."""
+        return divmod(rank, self.task_groups)
+
+    def shard_range(self, p: int) -> tuple[int, int]:
+        """Unpadded element range [lo, hi) of layer shard p (may be empty at the tail)."""
+        lo = min(p * self.shard_size, self.n)
+        return lo, min(lo + self.shard_size, self.n)
+
+    def segments(self, p: int) -> list[Segment]:
+        """The tensor parts that make up layer shard p, in order."""
+        lo, hi = self.shard_range(p)
+        result, start = [], 0
+        for t, numel in enumerate(self.numels):
+            a, b = max(lo, start), min(hi, start + numel)
+            if a < b:
+                result.append(Segment(t, a - start, b - start, a - lo))
+            start += numel
+        return result
+
+    def task_rows(self, q: int) -> list[int]:
+        """Indices of the tasks of group q (contiguous, sizes differing by at most one)."""
+        k, groups = len(self.tasks), self.task_groups
+        lo = q * (k // groups) + min(q, k % groups)
+        return list(range(lo, lo + k // groups + (q < k % groups)))
+
+    def memory(self, rank: int) -> dict[str, int]:
+        """Bytes a rank holds while training, by what they are for."""
+        p, q = self.coords(rank)
+        lo, hi = self.shard_range(p)
+        tau = len(self.task_rows(q)) * (hi - lo) * self.storage_itemsize
+        resident = {
+            "task vectors": tau if self.offload == "none" else 0,
+            "base piece": self.piece * self.base_itemsize,
+            "partial sums (fp32)": 2 * (hi - lo) * 4,
+            "merged body": self.ranks * self.piece * self.base_itemsize,
+            "gradient": self.ranks * self.piece * (self.base_itemsize + 4) + self.piece * 4,
+            "W and Adam": 3 * len(self.tasks) * self.columns * 4,
+        }
+        if self.offload != "none":
+            resident[f"task vectors ({self.offload}, offloaded)"] = tau
+        return resident
+
+    def comm_per_step(self) -> dict[str, int]:
+        """Bytes each rank sends per training step, by tag (ring algorithms; see CommStats)."""
+        r, q = self.ranks, self.task_groups
+        shard = self.shard_size * 4
+        result = {
+            "merged": int((r - 1) * self.piece * self.base_itemsize),
+            "grad": int((r - 1) * self.piece * 4),
+            "dW": int(2 * (r - 1) / r * len(self.tasks) * self.columns * 4),
+        }
+        if q > 1:
+            result["partial"] = int((q - 1) / q * shard)
+            result["grad shard"] = int((q - 1) * self.piece * 4)
+        return result if r > 1 else {}
+
+    def describe(self, max_names: int = 4) -> str:
+        """The plan as text: the mesh, each rank's tensors, tasks and bytes, the traffic per step."""
+        lines = [
+            f"plan: {self.ranks} rank(s) = {self.layer_shards} layer shard(s) x {self.task_groups} task "
+            f"group(s); k = {len(self.tasks)} tasks, N = {self.n:,} merged elements in {len(self.names)} "
+            f"tensors, W [{len(self.tasks)}, {self.columns}]; task vectors "
+            f"{human_bytes(len(self.tasks) * self.n * self.storage_itemsize)} in all, offload: {self.offload}"
+        ]
+        for rank in range(self.ranks):
+            p, q = self.coords(rank)
+            lo, hi = self.shard_range(p)
+            segs = self.segments(p)
+            shown = [
+                self.names[s.tensor] + ("" if s.hi - s.lo == self.numels[s.tensor] else f"[{s.lo}:{s.hi}]")
+                for s in segs[:max_names]
+            ]
+            more = f" ... (+{len(segs) - max_names} more)" if len(segs) > max_names else ""
+            rows = self.task_rows(q)
+            memory = self.memory(rank)
+            total = sum(v for k, v in memory.items() if "offloaded" not in k)
+            lines.append(
+                f"rank {rank} (layer shard {p}, task group {q}): elements [{lo:,}, {hi:,}) = "
+                f"{len(segs)} tensor part(s): {', '.join(shown)}{more}"
+            )
+            lines.append(f"  tasks {[self.tasks[i] for i in rows]}")
+            lines.append(
+                "  memory: "
+                + ", ".join(f"{k} {human_bytes(v)}" for k, v in memory.items())
+                + f"; resident total {human_bytes(total)}"
+                + (
+                    f" ({'within' if total <= self.memory_per_rank else 'ABOVE'} the "
+                    f"{human_bytes(self.memory_per_rank)} per rank)"
+                    if self.memory_per_rank
+                    else ""
+                )
+            )
+        comm = self.comm_per_step()
+        lines.append(
+            "communication per step and rank: "
+            + (", ".join(f"{k} {human_bytes(v)}" for k, v in comm.items()) if comm else "none (one rank)")
+            + " (tensor traffic O(N), independent of k; only dW grows with k)"
+        )
+        return "\n".join(lines)
+
+
+def describe_job(cfg: MergeConfig, ranks: int) -> str:
+    """The plan of a learned-merge config on `ranks` ranks, as `supermerge plan` prints it.
+
+    Reads only the checkpoints' headers. For a hierarchical merge it also says how the first
+    level's nodes are spread over rank groups.
+    """
+    from supermerge.coefficients import CoefficientLayout
+    from supermerge.merge import open_sources
+    from supermerge.methods.base import parse_params
+    from supermerge.methods.learned import LEARNED, STORAGE_DTYPES
+
+    params = parse_params(LEARNED[cfg.method], cfg.method_params, "method")
+    source = open_sources(cfg)
+    layout = CoefficientLayout.build(source.names, params.granularity, params.blocks)
+    infos = source.base.infos
+    dtypes = {infos[n].dtype for n in source.names}
+    base_itemsize = (dtypes.pop() if len(dtypes) == 1 else torch.float32).itemsize
+    spec = cfg.distributed
+    k = source.k
+    g = params.group_size
+    lines = []
+    if g and k > g:
+        first = math.ceil(k / g)
+        waves = math.ceil(first / ranks)
+        grouping = "given in method.groups" if params.groups else "by task-vector similarity at run time"
+        lines.append(
+            f"hierarchical, g = {g}: level 0 has {first} node(s) of at most {g} tasks ({grouping}); "
+            f"they train {min(first, ranks)} at a time on disjoint groups of about "
+            f"{max(1, ranks // first)} rank(s) ({waves} wave(s)); each node holds at most g task "
+            "vectors over its group's ranks. "
+            "The root (below, with its inputs as tasks) trains on all ranks."
+        )
+        tasks = [f"node{j}" for j in range(first)]
+        while len(tasks) > g:
+            tasks = [f"node{j}" for j in range(math.ceil(len(tasks) / g))]
+    else:
+        tasks = [e.name for e in source.experts]
+    plan = ShardPlan(
+        list(source.names), [infos[n].numel for n in source.names], tasks, ranks,
+        spec.task_groups if ranks > 1 else 1, STORAGE_DTYPES[params.storage_dtype].itemsize,
+        base_itemsize, layout.groups, spec.offload, spec.memory_per_rank,
+    )  # fmt: skip
+    return "\n".join([*lines, plan.describe()])

@@ -1,0 +1,100 @@
+"""One rank's share of the task-vector store: its task group's task vectors over its layer shard.
+
+Layout (what the fused kernel takes, as in supermerge.store but local):
+    tau_local   [k_q, n]   task vectors of the rank's task group over layer shard p (n elements)
+    base_piece  [S]        the base over the rank's own piece of the shard (fp32, zero-padded)
+    offsets     [T_p + 1]  int64 segment offsets within the shard; segment s is part of tensor
+                           `segment_tensor[s]`
+Built by reading only the byte ranges of the shard from each checkpoint (one tensor part of one
+expert at a time), so a rank reads about 1/P of every file and holds k N / R task-vector elements.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from supermerge.distributed.plan import ShardPlan
+from supermerge.taskvectors import TaskVectorSource
+
+
+@dataclass
+class ShardStore:
+    """A rank's base piece and task vectors (see module docstring).
+
+    Attributes:
+        plan: the job's plan.
+        rank: this rank's index in the plan.
+        names, shapes: every merged tensor (for splitting the gathered full body).
+        rows: indices of the tasks held (the task group).
+        tau_local: [k_q, n] task vectors over the layer shard.
+        base_piece: [S] fp32 base over this rank's piece, zero beyond N.
+        offsets: [T_p + 1] int64 segment offsets within the layer shard (CPU).
+        segment_tensor: [T_p] int64 tensor index of each segment.
+        base_dtype: dtype of the merged body.
+    """
+
+    plan: ShardPlan
+    rank: int
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    rows: list[int]
+    tau_local: torch.Tensor
+    base_piece: torch.Tensor
+    offsets: torch.Tensor
+    segment_tensor: torch.Tensor
+    base_dtype: torch.dtype
+
+    @classmethod
+    def build(
+        cls,
+        source: TaskVectorSource,
+        plan: ShardPlan,
+        rank: int,
+        storage_dtype: torch.dtype,
+        device: torch.device,
+        progress: bool = False,
+    ) -> ShardStore:
+        """Read this rank's share of base and task vectors from `source`'s checkpoints."""
+        p, q = plan.coords(rank)
+        shard_lo, shard_hi = plan.shard_range(p)
+        piece_lo = rank * plan.piece - shard_lo  # this rank's piece, within the shard
+        segments = plan.segments(p)
+        rows = plan.task_rows(q)
+        tau_local = torch.empty(len(rows), shard_hi - shard_lo, dtype=storage_dtype, device=device)
+        base_piece = torch.zeros(plan.piece, dtype=torch.float32, device=device)
+        for seg in tqdm(segments, desc=f"rank {rank} shard", unit="tensor", disable=not progress):
+            name = source.names[seg.tensor]
+            base = source.read_base(name, (seg.lo, seg.hi)).to(device)
+            a, b = seg.start, seg.start + seg.hi - seg.lo
+            for j, i in enumerate(rows):
+                tau_local[j, a:b] = source.task_vector(name, base, i, (seg.lo, seg.hi))
+            lo, hi = max(a, piece_lo), min(b, piece_lo + plan.piece)
+            if lo < hi:
+                base_piece[lo - piece_lo : hi - piece_lo] = base[lo - a : hi - a]
+        sizes = [s.hi - s.lo for s in segments]
+        offsets = torch.tensor([0, *sizes], dtype=torch.int64).cumsum(0)
+        shapes = [source.base.infos[n].shape for n in source.names]
+        dtypes = {source.base.infos[n].dtype for n in source.names}
+        base_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        assert all(math.prod(s) == n for s, n in zip(shapes, plan.numels, strict=True))
+        return cls(
+            plan, rank, list(source.names), shapes, rows, tau_local, base_piece, offsets,
+            torch.tensor([s.tensor for s in segments], dtype=torch.int64), base_dtype,
+        )  # fmt: skip
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the task vectors and base piece held."""
+        return sum(t.numel() * t.element_size() for t in (self.tau_local, self.base_piece))
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of a full flat [N] buffer as the named tensors, in their shapes."""
+        out, start = {}, 0
+        for name, shape, numel in zip(self.names, self.shapes, self.plan.numels, strict=True):
+            out[name] = flat[start : start + numel].view(shape)
+            start += numel
+        return out

@@ -28,6 +28,7 @@
       nvme_path: null             # offload nvme: folder on the NVMe drive
       memory_per_rank: null       # optional budget the plan checks (e.g. 16GB)
       timeout_s: 300              # a collective waits this long for a silent rank
+      prefetch_elements: 4194304  # offload: elements per streamed layer group (two are staged)
 
 Relative paths are resolved against the YAML file's folder.
 """
@@ -79,6 +80,7 @@ class DistributedSpec:
     nvme_path: str | None = None
     memory_per_rank: int = 0
     timeout_s: float = 300.0
+    prefetch_elements: int = 2**22
 
 
 @dataclass
@@ -234,10 +236,15 @@ def _distributed_spec(raw: Any, source: Path | None) -> DistributedSpec:
     timeout = raw.get("timeout_s", 300.0)
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
         raise ConfigError("distributed.timeout_s", f"expected a positive number, got {timeout!r}", source)
+    prefetch = raw.get("prefetch_elements", 2**22)
+    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 1:
+        raise ConfigError(
+            "distributed.prefetch_elements", f"expected a positive integer, got {prefetch!r}", source
+        )
     return DistributedSpec(
         groups, offload, nvme,
         parse_size(budget, "distributed.memory_per_rank", source) if budget is not None else 0,
-        float(timeout),
+        float(timeout), prefetch,
     )  # fmt: skip
 
 

@@ -38,6 +38,7 @@ from supermerge.distributed.body import ShardedBody
 from supermerge.distributed.comm import Comm, close_comm, init_comm
 from supermerge.distributed.plan import ShardPlan
 from supermerge.distributed.shard_store import ShardStore
+from supermerge.distributed.zero_store import ZeroShardStore
 from supermerge.errors import ConfigError, InputError, SupermergeError
 from supermerge.memory import TensorBytes, cuda_peak_bytes, peak_rss_bytes
 from supermerge.merge import MergeSummary, config_record, open_sources, write_extras, write_tensors
@@ -191,11 +192,12 @@ class LearnedMerge:
     def _body(
         self, source: TaskVectorSource, layout: CoefficientLayout, init: float, comm: Comm
     ) -> MergedBody | ShardedBody:
-        """One process: the whole store; several ranks: this rank's shard of the node's plan."""
-        if comm.size == 1:
+        """One process: the whole store; several ranks (or offload): this rank's shard of the plan."""
+        spec = self.cfg.distributed
+        if comm.size == 1 and spec.offload == "none":
             store = TaskVectorStore.build(source, self.storage_dtype, self.device, self.progress)
             return MergedBody(store, layout, init, self.params.impl)
-        groups = self.cfg.distributed.task_groups if comm is self.comm else 1
+        groups = spec.task_groups if comm is self.comm else 1
         plan = self.plan(source, layout, comm.size, groups)
         if comm.is_leader:
             log.info("%s", plan.describe())
@@ -204,7 +206,18 @@ class LearnedMerge:
         shard_comm = (
             comm.split([plan.coords(r)[0] for r in range(comm.size)], "shard") if groups > 1 else None
         )
-        store = ShardStore.build(source, plan, comm.rank, self.storage_dtype, self.device, self.progress)
+        if spec.offload == "none":
+            store = ShardStore.build(source, plan, comm.rank, self.storage_dtype, self.device, self.progress)
+        else:
+            store = ZeroShardStore.build(
+                source,
+                plan,
+                comm.rank,
+                self.storage_dtype,
+                self.device,
+                spec.prefetch_elements,
+                self.progress,
+            )
         single = Comm(None, [comm.global_rank], 0, comm.stats, f"shard{p}")
         return ShardedBody(store, layout, comm, shard_comm or single, init, self.params.impl)
 
@@ -275,7 +288,8 @@ class LearnedMerge:
     def _train_level(self, level: int, todo: list[tuple[str, list[Expert], list[str]]]) -> None:
         """Train and write a level's nodes; with several ranks, up to one node per rank group at once."""
         init = self.params.init if level == 0 else self.params.upper_init
-        size = self.comm.size
+        # DeepSpeed partitions an offloaded store over the whole job: nodes then train one by one
+        size = self.comm.size if self.cfg.distributed.offload == "none" else 1
         for first in range(0, len(todo), size):
             wave = todo[first : first + size]
             comm = self.comm

@@ -16,6 +16,7 @@ from torch import nn
 from supermerge.coefficients import CoefficientLayout
 from supermerge.distributed.comm import Comm
 from supermerge.distributed.shard_store import ShardStore
+from supermerge.distributed.zero_store import ZeroShardStore
 from supermerge.kernels import grouped_weighted_sum
 
 
@@ -23,7 +24,8 @@ class ShardedBody(nn.Module):
     """Learnable coefficients over the task-vector shards of every rank of `comm`.
 
     Args:
-        store: this rank's share of the task vectors.
+        store: this rank's share of the task vectors, resident (ShardStore) or offloaded
+            through DeepSpeed and streamed (ZeroShardStore).
         layout: column of W for each tensor (global).
         comm: the ranks training this merge (the plan's ranks, in order).
         shard_comm: the Q ranks holding the same layer shard (this rank's task group among them).
@@ -33,7 +35,7 @@ class ShardedBody(nn.Module):
 
     def __init__(
         self,
-        store: ShardStore,
+        store: ShardStore | ZeroShardStore,
         layout: CoefficientLayout,
         comm: Comm,
         shard_comm: Comm,
@@ -42,7 +44,7 @@ class ShardedBody(nn.Module):
     ) -> None:
         super().__init__()
         self.store, self.layout, self.comm, self.shard_comm, self.impl = store, layout, comm, shard_comm, impl
-        device = store.tau_local.device
+        device = store.base_piece.device
         k = len(store.plan.tasks)
         self.w = nn.Parameter(torch.full((k, layout.groups), math.atanh(init), device=device))
         self._rows = torch.tensor(store.rows, dtype=torch.int64, device=device)
@@ -56,17 +58,28 @@ class ShardedBody(nn.Module):
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.store.split(flat)
 
-    def _local_partial(self) -> torch.Tensor:
-        """[n] fp32 sum over this rank's tasks of tanh(w) tau over its layer shard."""
-        tau = self.store.tau_local
+    def _partial_sum(self, tau: torch.Tensor, offsets: torch.Tensor, segments: slice) -> torch.Tensor:
+        """[n] fp32 sum over this rank's tasks of tanh(w) tau, for `segments` of the layer shard."""
         if tau.shape[1] == 0:
             return torch.zeros(0, device=tau.device)
-        coefficients = self.w.index_select(0, self._rows).index_select(1, self._columns)
+        coefficients = self.w.index_select(0, self._rows).index_select(1, self._columns[segments])
         zero = torch.zeros(tau.shape[1], dtype=torch.float32, device=tau.device)
-        return grouped_weighted_sum(zero, tau, coefficients, self.store.offsets, self.impl)
+        return grouped_weighted_sum(zero, tau, coefficients, offsets, self.impl)
+
+    def _local_partial(self) -> torch.Tensor:
+        """[n] fp32 partial sum over the layer shard; resident stores keep the graph for backward,
+        streamed (offloaded) ones recompute it chunk by chunk in `backward`."""
+        store = self.store
+        if store.resident:
+            return self._partial_sum(store.tau_local, store.offsets, slice(None))
+        partial = torch.empty(store.n_local, dtype=torch.float32, device=store.base_piece.device)
+        with torch.no_grad():
+            for chunk in store.chunks():
+                partial[chunk.lo : chunk.hi] = self._partial_sum(chunk.tau, chunk.offsets, chunk.segments)
+        return partial
 
     def forward(self) -> torch.Tensor:
-        """[N] full merged body (detached), gathered from every rank's piece; keeps the local graph."""
+        """[N] full merged body (detached), gathered from every rank's piece."""
         plan, store = self.store.plan, self.store
         partial = self._local_partial()
         self._partial = partial if partial.requires_grad else None
@@ -91,6 +104,11 @@ class ShardedBody(nn.Module):
         if self._partial is not None:
             self._partial.backward(shard[: self._partial.numel()])
             self._partial = None
+        elif not self.store.resident:
+            for chunk in self.store.chunks():
+                partial = self._partial_sum(chunk.tau, chunk.offsets, chunk.segments)
+                if partial.requires_grad:
+                    partial.backward(shard[chunk.lo : chunk.hi])
         if self.w.grad is None:
             self.w.grad = torch.zeros_like(self.w)
         self.comm.all_reduce(self.w.grad, "dW")

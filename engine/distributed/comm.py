@@ -242,6 +242,6 @@ def init_comm(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Comm:
 
 def close_comm(comm: Comm) -> None:
     """Leave the process group cleanly (after a barrier, so no rank exits mid-collective)."""
-    if comm.size > 1 and dist.is_initialized():
+    if dist.is_initialized():  # also the group of one DeepSpeed makes for an offloaded store
         comm.barrier()
         dist.destroy_process_group()

@@ -48,6 +48,8 @@ class ShardStore:
     segment_tensor: torch.Tensor
     base_dtype: torch.dtype
 
+    resident = True  # tau_local is on the compute device for the whole run
+
     @classmethod
     def build(
         cls,
@@ -92,9 +94,16 @@ class ShardStore:
         return sum(t.numel() * t.element_size() for t in (self.tau_local, self.base_piece))
 
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Views of a full flat [N] buffer as the named tensors, in their shapes."""
-        out, start = {}, 0
-        for name, shape, numel in zip(self.names, self.shapes, self.plan.numels, strict=True):
-            out[name] = flat[start : start + numel].view(shape)
-            start += numel
-        return out
+        return split_flat(flat, self.names, self.shapes)
+
+
+def split_flat(
+    flat: torch.Tensor, names: list[str], shapes: list[tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """Views of a full flat [N] buffer as the named tensors, in their shapes."""
+    out, start = {}, 0
+    for name, shape in zip(names, shapes, strict=True):
+        numel = math.prod(shape)
+        out[name] = flat[start : start + numel].view(shape)
+        start += numel
+    return out

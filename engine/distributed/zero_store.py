@@ -1,0 +1,211 @@
+"""Task-vector shards kept by DeepSpeed ZeRO-3 with `offload_param`, streamed to the compute device.
+
+Each task vector is one flat frozen parameter [N] built under `deepspeed.zero.Init` (stage 3,
+`param_persistence_threshold: 0`, offload_param cpu): ZeRO partitions it into R contiguous pieces
+of ceil(N / R) elements, which are exactly the plan's pieces when Q = 1, so rank r's partition
+`ds_tensor` holds its layer shard of every task vector, in pinned CPU memory. Only the store lives
+there: W is trained by plain Adam in the trainer, never in a DeepSpeed engine (a stage-3 engine
+would all-gather the store on access).
+
+Per training step `chunks()` streams the shard in layer groups of about `chunk_elements`:
+the next group's k slices are copied to the device (on a side CUDA stream, so the copy overlaps
+the current group's kernel) while the current one is merged; the forward and the backward each
+stream the shard once, so the PCIe floor is 2 k n bytes per step and device memory holds two
+groups, not the shard.
+
+Every use of DeepSpeed internals (ds_tensor, partition_numel) is in this file; deepspeed is
+pinned in constraints-cpu.txt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from supermerge.distributed.plan import ShardPlan
+from supermerge.distributed.shard_store import split_flat
+from supermerge.errors import SupermergeError
+from supermerge.taskvectors import TaskVectorSource
+
+
+@dataclass
+class Chunk:
+    """One layer group of the shard, staged on the compute device.
+
+    Attributes:
+        lo, hi: element range within the layer shard.
+        tau: [k, hi - lo] task vectors on the compute device.
+        offsets: [T_c + 1] int64 segment offsets within the chunk (CPU).
+        segments: slice of the shard's segments this chunk covers.
+    """
+
+    lo: int
+    hi: int
+    tau: torch.Tensor
+    offsets: torch.Tensor
+    segments: slice
+
+
+def zero_config(offload: str) -> dict:
+    """The DeepSpeed config of the store: ZeRO-3 partitioning with every parameter offloaded."""
+    if offload != "cpu":
+        raise SupermergeError(
+            f"distributed.offload: {offload!r} is not supported yet; 'cpu' offloads through DeepSpeed "
+            "ZeRO-3 (nvme needs DeepSpeed's async_io op and libaio, not built here)"
+        )
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {
+            "stage": 3,
+            "param_persistence_threshold": 0,
+            "offload_param": {"device": "cpu", "pin_memory": True},
+        },
+    }
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, n: int, k: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.tau = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.empty(n, dtype=dtype), requires_grad=False) for _ in range(k)]
+        )
+
+
+@dataclass
+class ZeroShardStore:
+    """A rank's task vectors as ZeRO-3 partitions (see module docstring); the ShardStore fields
+    the body reads, with `tau_local` replaced by `chunks()`.
+
+    Attributes:
+        plan, rank, names, shapes, rows, base_piece, offsets, segment_tensor, base_dtype:
+            as in ShardStore (rows: every task, Q = 1).
+        params: the k ZeRO parameters; `params[i].ds_tensor` is [S] in CPU memory.
+        device: where the kernel runs.
+        chunk_elements: elements per streamed layer group (at least one whole segment).
+    """
+
+    plan: ShardPlan
+    rank: int
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    rows: list[int]
+    params: list[torch.nn.Parameter]
+    base_piece: torch.Tensor
+    offsets: torch.Tensor
+    segment_tensor: torch.Tensor
+    base_dtype: torch.dtype
+    device: torch.device
+    chunk_elements: int
+    _holder: torch.nn.Module
+
+    resident = False
+
+    @classmethod
+    def build(
+        cls,
+        source: TaskVectorSource,
+        plan: ShardPlan,
+        rank: int,
+        storage_dtype: torch.dtype,
+        device: torch.device,
+        chunk_elements: int,
+        progress: bool = False,
+    ) -> ZeroShardStore:
+        """Partition k flat task vectors with ZeRO-3 offload and fill this rank's partitions."""
+        import deepspeed
+
+        if plan.task_groups != 1:
+            raise SupermergeError("distributed.offload: needs task_groups 1 (ZeRO partitions over all ranks)")
+        if not torch.distributed.is_initialized():  # one process, no launcher: a group of one
+            for var, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                               ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):  # fmt: skip
+                os.environ.setdefault(var, value)
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        with deepspeed.zero.Init(
+            config_dict_or_path=zero_config(plan.offload), remote_device="cpu", pin_memory=True,
+            mem_efficient_linear=False,
+        ):  # fmt: skip
+            holder = _Holder(plan.n, source.k, storage_dtype)
+        params = list(holder.tau)
+        if any(p.partition_numel() != plan.piece for p in params):
+            raise SupermergeError(
+                f"DeepSpeed partitioned {plan.n} elements into {params[0].partition_numel()} per rank, "
+                f"the plan expects {plan.piece}"
+            )
+        for p in params:
+            p.ds_tensor.zero_()  # the tail of the last partition is uninitialised memory
+        base_piece = torch.zeros(plan.piece, dtype=torch.float32, device=device)
+        segments = plan.segments(rank)
+        for seg in tqdm(segments, desc=f"rank {rank} shard (ZeRO)", unit="tensor", disable=not progress):
+            name = source.names[seg.tensor]
+            base = source.read_base(name, (seg.lo, seg.hi))
+            a, b = seg.start, seg.start + seg.hi - seg.lo
+            base_piece[a:b] = base.to(device)
+            for i, p in enumerate(params):
+                p.ds_tensor[a:b] = source.task_vector(name, base, i, (seg.lo, seg.hi))
+        sizes = [s.hi - s.lo for s in segments]
+        dtypes = {source.base.infos[n].dtype for n in source.names}
+        return cls(
+            plan, rank, list(source.names), [source.base.infos[n].shape for n in source.names],
+            list(range(source.k)), params, base_piece,
+            torch.tensor([0, *sizes], dtype=torch.int64).cumsum(0),
+            torch.tensor([s.tensor for s in segments], dtype=torch.int64),
+            dtypes.pop() if len(dtypes) == 1 else torch.float32, device, chunk_elements, holder,
+        )  # fmt: skip
+
+    @property
+    def n_local(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes resident on the compute device: the base piece (the task vectors are offloaded)."""
+        return self.base_piece.numel() * self.base_piece.element_size()
+
+    @property
+    def offloaded_bytes(self) -> int:
+        return sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in self.params)
+
+    def _groups(self) -> list[slice]:
+        bounds = self.offsets.tolist()
+        groups, first = [], 0
+        for s in range(len(bounds) - 1):
+            if bounds[s + 1] - bounds[first] >= self.chunk_elements or s == len(bounds) - 2:
+                groups.append(slice(first, s + 1))
+                first = s + 1
+        return groups
+
+    def _stage(self, segs: slice, stream: torch.cuda.Stream | None) -> Chunk:
+        lo, hi = int(self.offsets[segs.start]), int(self.offsets[segs.stop])
+        tau = torch.empty(len(self.params), hi - lo, dtype=self.params[0].ds_tensor.dtype, device=self.device)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for i, p in enumerate(self.params):
+                tau[i].copy_(p.ds_tensor[lo:hi], non_blocking=stream is not None)
+        return Chunk(lo, hi, tau, self.offsets[segs.start : segs.stop + 1] - lo, segs)
+
+    def chunks(self) -> Iterator[Chunk]:
+        """The shard's layer groups on the device, the next one copied while the current is used."""
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        groups = self._groups()
+        ahead = self._stage(groups[0], stream) if groups else None
+        for g in range(len(groups)):
+            if stream is not None:
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+            current = ahead
+            ahead = self._stage(groups[g + 1], stream) if g + 1 < len(groups) else None
+            yield current
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return split_flat(flat, self.names, self.shapes)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

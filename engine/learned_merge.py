@@ -76,6 +76,8 @@ class NodeRecord:
         train_seconds: wall time of the optimisation steps alone.
         ranks: ranks that trained it.
         comm_bytes_per_step: bytes one rank sent per training step, by collective tag.
+        rank_task_vector_bytes: task-vector bytes each rank held on its compute device.
+        rank_peak_rss: each rank's peak RSS when the node finished (process lifetime peak).
     """
 
     node: str
@@ -91,6 +93,8 @@ class NodeRecord:
     train_seconds: float = 0.0
     ranks: int = 1
     comm_bytes_per_step: dict[str, int] = field(default_factory=dict)
+    rank_task_vector_bytes: list[int] = field(default_factory=list)
+    rank_peak_rss: list[int] = field(default_factory=list)
 
 
 class LearnedMerge:
@@ -245,10 +249,11 @@ class LearnedMerge:
         after = trainer.accuracy()
         self.bytes_read += source.bytes_read
         self.held.observe(body.tracked_bytes)
+        per_rank = comm.gather_objects((body.store.task_vector_bytes, peak_rss_bytes()))
         record = NodeRecord(
             node, [c.name for c in children], leaves, layout.labels, body.coefficients().tolist(),
             history.losses, before, after, body.tracked_bytes, time.perf_counter() - start, train_seconds,
-            comm.size, traffic,
+            comm.size, traffic, [b for b, _ in per_rank], [r for _, r in per_rank],
         )  # fmt: skip
         return body, source, record
 

@@ -70,6 +70,11 @@ class TaskVectorStore:
         return self.tau_flat.shape[0]
 
     @property
+    def task_vector_bytes(self) -> int:
+        """Bytes of the task vectors held on the compute device."""
+        return self.tau_flat.numel() * self.tau_flat.element_size()
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by the base and task-vector buffers."""
         return sum(t.numel() * t.element_size() for t in (self.base_flat, self.tau_flat))

@@ -22,6 +22,7 @@ from supermerge.errors import SupermergeError
 from supermerge.toy import FACTORY, build_toy_suite
 
 BIN = Path(sys.executable).parent
+LAUNCH = Path(__file__).resolve().parent.parent / "launch"
 RUN_TIMEOUT_S = 240
 TOL = 1e-5  # fp32 sums in another order
 # DeepSpeed compiles its CPU comm op on first use (about 45 s): once per machine, not per test
@@ -88,6 +89,7 @@ def toy(tmp_path_factory):
 
 def write_config(folder: Path, toy, output: str, experts: dict | None = None, **method) -> Path:
     experts = experts or toy.experts
+    distributed = method.pop("distributed", None)
     doc = {
         "base": str(toy.base),
         "experts": [
@@ -100,10 +102,8 @@ def write_config(folder: Path, toy, output: str, experts: dict | None = None, **
         "heads": ["head.*"],
         "output": output,
     }
-    distributed = method.pop("distributed", None)
     if distributed:
         doc["distributed"] = distributed
-        doc["method"].pop("distributed")
     path = folder / f"{output}.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -115,29 +115,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(launcher: str, ranks: int) -> list[str]:
+def launch_command(launcher: str) -> list[str]:
+    """One process: the command itself; else the ready script under launch/ (NPROC, PORT env)."""
     if launcher == "none":
         return [str(BIN / "supermerge")]
-    if launcher == "torchrun":
-        return [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={ranks}", "-m", "supermerge"]
-    if launcher == "deepspeed":
-        port = str(free_port())
-        return [
-            str(BIN / "deepspeed"),
-            "--num_gpus",
-            str(ranks),
-            "--master_port",
-            port,
-            "--module",
-            "supermerge",
-        ]
-    if launcher == "accelerate":
-        return [
-            str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(ranks),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port()), "-m", "supermerge",
-        ]  # fmt: skip
-    raise ValueError(launcher)
+    return ["bash", str(LAUNCH / f"{launcher}.sh")]
 
 
 def run_job(
@@ -145,8 +127,14 @@ def run_job(
 ) -> subprocess.CompletedProcess:
     """Run `supermerge merge` under a launcher in its own session; kill the whole session on timeout
     and check that no process of it is left."""
-    cmd = [*launch_command(launcher, ranks), "-q", "merge", str(config), *extra]
-    full_env = os.environ | {"TORCH_EXTENSIONS_DIR": str(EXTENSIONS), "OMP_NUM_THREADS": "1"}
+    if launcher == "none":
+        cmd = [*launch_command(launcher), "-q", "merge", str(config), *extra]
+    else:
+        cmd = [*launch_command(launcher), str(config), *extra]
+    full_env = os.environ | {
+        "TORCH_EXTENSIONS_DIR": str(EXTENSIONS), "OMP_NUM_THREADS": "1", "NPROC": str(ranks),
+        "PORT": str(free_port()), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    }  # fmt: skip
     proc = subprocess.Popen(
         cmd, cwd=config.parent, env=full_env | (env or {}), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, start_new_session=True,

@@ -142,6 +142,14 @@ class Comm:
         )
         return box[0]
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in group order, on every rank (small Python objects only)."""
+        if self.size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.size
+        self._run("all_gather", "objects", 0, lambda: dist.all_gather_object(out, obj, group=self.group))
+        return out
+
     def barrier(self) -> None:
         self._run("barrier", "barrier", 0, lambda: dist.barrier(group=self.group))
 

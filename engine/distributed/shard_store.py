@@ -89,6 +89,11 @@ class ShardStore:
         )  # fmt: skip
 
     @property
+    def task_vector_bytes(self) -> int:
+        """Bytes of the task vectors held on the compute device."""
+        return self.tau_local.numel() * self.tau_local.element_size()
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the task vectors and base piece held."""
         return sum(t.numel() * t.element_size() for t in (self.tau_local, self.base_piece))

@@ -169,6 +169,11 @@ class ZeroShardStore:
         return self.base_piece.numel() * self.base_piece.element_size()
 
     @property
+    def task_vector_bytes(self) -> int:
+        """Task-vector bytes held on the compute device between steps: none (they are offloaded)."""
+        return 0
+
+    @property
     def offloaded_bytes(self) -> int:
         return sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in self.params)
 

@@ -206,6 +206,14 @@ def test_launch_gives_the_one_process_result(
     summary = json.loads((tmp_path / kind / "supermerge_merge.json").read_text())["summary"]
     assert summary["ranks"] == ranks
     assert summary["comm_bytes_per_step"]["merged"] > 0
+    # every node's task vectors are spread over the ranks that trained it: a rank holds at most
+    # its group's ceil(k / Q) tasks over one layer shard of Q pieces of ceil(N / R) elements
+    n, q = 576, distributed.get("task_groups", 1)
+    for node in json.loads((tmp_path / kind / "coefficients.json").read_text())["nodes"]:
+        shares, k, r = node["rank_task_vector_bytes"], len(node["children"]), node["ranks"]
+        assert len(shares) == r and sum(shares) == k * n * 4
+        groups = q if node["node"] == "root" else 1
+        assert max(shares) <= -(-k // groups) * groups * -(-n // r) * 4
 
 
 @pytest.mark.slow

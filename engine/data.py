@@ -7,7 +7,9 @@ Formats (the `data:` field of an expert in the YAML):
   train when absent; a file without splits is all validation); string labels map to class ids
   through the expert's config.json `label2id` when it names them all, else in sorted order;
   tokenised with the base's tokenizer (`model.kind: hf_encoder`).
-At most `size` examples are kept per task (a seeded random subset; the paper uses 32).
+At most `size` examples are kept per task (a seeded random subset; the paper uses 32). Text
+examples are ordered by token length, so that micro-batches cut to their longest example
+(`TaskData.batches`) carry little padding; a step sums over every example, so order is free.
 """
 
 from __future__ import annotations
@@ -47,9 +49,21 @@ class TaskData:
     def batches(
         self, batch_size: int, device: torch.device | str = "cpu"
     ) -> Iterator[tuple[Tensors, torch.Tensor | None]]:
-        """Consecutive micro-batches of at most `batch_size` examples, in a fixed order."""
+        """Consecutive micro-batches of at most `batch_size` examples, in a fixed order.
+
+        Tokenised text (an `attention_mask` among the inputs, right padding) is cut to the
+        micro-batch's longest example: the padding columns dropped change no logit.
+        """
+        mask = self.inputs.get("attention_mask")
         for lo in range(0, len(self), batch_size):
-            inputs = {k: v[lo : lo + batch_size].to(device) for k, v in self.inputs.items()}
+            width = None
+            if mask is not None and mask.dim() == 2:
+                width = max(1, int(mask[lo : lo + batch_size].sum(1).max()))
+            inputs = {
+                k: (v[lo : lo + batch_size, :width] if width is not None and v.dim() == 2 else
+                    v[lo : lo + batch_size]).to(device)
+                for k, v in self.inputs.items()
+            }  # fmt: skip
             labels = None if self.labels is None else self.labels[lo : lo + batch_size].to(device)
             yield inputs, labels
 
@@ -113,8 +127,12 @@ def load_jsonl_data(
     if labelled:
         ids = task_file.label_ids("validation", label2id)
         labels = torch.tensor([ids[i] for i in keep], dtype=torch.int64)
-    encoded = tokenizer(
+    encoded = dict(tokenizer(
         [examples[i].text for i in keep], padding=True, truncation=True, max_length=max_length,
         return_tensors="pt",
-    )  # fmt: skip
-    return TaskData(task, path, dict(encoded), labels)
+    ))  # fmt: skip
+    if "attention_mask" in encoded:
+        order = encoded["attention_mask"].sum(1).argsort(stable=True)
+        encoded = {k: v[order] for k, v in encoded.items()}
+        labels = None if labels is None else labels[order]
+    return TaskData(task, path, encoded, labels)

@@ -37,7 +37,7 @@ def task_heads(model_dir: Path, ckpt: Checkpoint, tasks: list[str]) -> dict[str,
     return heads
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate_model(
     model_dir: str | Path,
     tasks: dict[str, TaskFile],
@@ -64,11 +64,16 @@ def evaluate_model(
         examples = tasks[name].splits[split]
         labels = torch.tensor(tasks[name].label_ids(split), device=device)
         head = {n: t.to(device) for n, t in heads[name].items()}
+        # Batches of similar lengths (padding is per batch): the order changes no prediction.
+        encoded = tokenizer([e.text for e in examples], truncation=True, max_length=max_length)
+        fields = [k for k in ("input_ids", "token_type_ids") if k in encoded]
+        order = sorted(range(len(examples)), key=lambda i: len(encoded["input_ids"][i]))
         correct = 0
-        for lo in range(0, len(examples), batch_size):
-            batch = tokenizer([e.text for e in examples[lo : lo + batch_size]], padding=True, truncation=True,
-                              max_length=max_length, return_tensors="pt").to(device)  # fmt: skip
+        for lo in range(0, len(order), batch_size):
+            idx = order[lo : lo + batch_size]
+            batch = tokenizer.pad({k: [encoded[k][i] for i in idx] for k in fields}, return_tensors="pt")
+            batch = batch.to(device)
             predicted = model.logits(body, head, dict(batch)).argmax(-1)
-            correct += int((predicted == labels[lo : lo + batch_size]).sum())
+            correct += int((predicted == labels[idx]).sum())
         accuracy[name] = correct / len(examples)
     return accuracy

@@ -121,7 +121,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from supermerge.demo import run_demo
 
-    run_demo(args.workdir, progress=not args.quiet, real=args.real, quick=args.quick, cache=args.cache)
+    if args.toy and args.quick:
+        raise SupermergeError("--quick applies to the real suite, not --toy")
+    run_demo(args.workdir, progress=not args.quiet, real=not args.toy, quick=args.quick, cache=args.cache)
     return 0
 
 
@@ -189,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--cache", default="runs/cache", help="where experts are kept")
     finetune.add_argument("--tasks", nargs="+", help="only these tasks")
     finetune.add_argument("--epochs", type=int, default=1)
-    finetune.add_argument("--lr", type=float, default=1e-4)
+    finetune.add_argument("--lr", type=float, default=2e-4)
     finetune.add_argument("--batch-size", type=int, default=32)
     finetune.add_argument("--max-length", type=int, default=64, help="tokens per text")
     finetune.add_argument("--train-size", type=int, default=1000, help="cap on train examples per task")
@@ -214,20 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="run the built-in demo",
-        description="Merge four toy experts (a task family with a known best merge) with every "
-        "method, training-free and learned, and print test accuracy, time and memory per method; "
-        "writes results.json, accuracy.png and coefficient heatmaps under --workdir.",
+        description="Build the built-in real text suite (fetched once), fine-tune one MiniLM-L6 "
+        "expert per task (cached), merge them with every method, training-free and learned, and "
+        "print test accuracy, time and memory per method; writes results.json, accuracy.png and "
+        "coefficient heatmaps under --workdir. --toy runs the same on a toy task family in seconds.",
     )
     demo.add_argument("--workdir", default="runs/demo", help="folder for the demo's files")
     demo.add_argument(
-        "--real",
+        "--toy",
         action="store_true",
-        help="MiniLM-L6 experts fine-tuned on the built-in real text suite instead of the toy suite",
+        help="four toy experts with a known best merge (seconds, no downloads) instead of the real suite",
     )
-    demo.add_argument("--quick", action="store_true", help="with --real: 3 tasks, fewer steps")
-    demo.add_argument(
-        "--cache", default="runs/cache", help="with --real: where the suite and experts are kept"
-    )
+    demo.add_argument("--quick", action="store_true", help="the real suite on 3 tasks, fewer steps (~5 min)")
+    demo.add_argument("--cache", default="runs/cache", help="where the real suite and experts are kept")
     demo.set_defaults(func=cmd_demo)
     return parser
 

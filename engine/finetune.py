@@ -47,7 +47,7 @@ class FinetuneConfig:
     """
 
     epochs: int = 1
-    lr: float = 1e-4
+    lr: float = 2e-4
     batch_size: int = 32
     max_length: int = 64
     train_size: int | None = 1000

@@ -9,7 +9,7 @@ from supermerge.cli import main
 
 
 def test_demo_runs_every_method_and_supermerge_wins(tmp_path: Path, capsys) -> None:
-    assert main(["-q", "demo", "--workdir", str(tmp_path / "demo")]) == 0
+    assert main(["-q", "demo", "--toy", "--workdir", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "supermerge (tree, g=2)" in out
     results = json.loads((tmp_path / "demo" / "results.json").read_text())

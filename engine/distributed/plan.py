@@ -1,7 +1,8 @@
 """The scheduler: how the k x N task-vector matrix is laid over R ranks, and what that costs.
 
 Mesh: R = P layer shards x Q task groups; rank r has coordinates (p, q) = divmod(r, Q).
-- The N merged elements (tensors concatenated in model order, so contiguous runs of layers) are
+- The N merged elements (tensors concatenated in the base checkpoint's order: in a safetensors
+  file, sorted names, so mostly runs of whole layers) are
   padded to R * S and cut into R pieces of S elements; layer shard p is pieces p*Q .. p*Q+Q-1,
   i.e. elements [p Q S, (p + 1) Q S).
 - The k tasks are cut into Q contiguous groups; rank (p, q) holds the task vectors of group q

@@ -180,19 +180,6 @@ class LearnedMerge:
             tasks[expert.name] = Task(expert.name, data, {n: t.to(self.device) for n, t in head.items()})
         return tasks
 
-    def plan(self, source: TaskVectorSource, layout: CoefficientLayout, ranks: int, groups: int) -> ShardPlan:
-        """The layout of a node's task vectors over `ranks` ranks with `groups` task groups."""
-        names = source.names
-        infos = self.base.infos
-        dtypes = {infos[n].dtype for n in names}
-        base_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        spec = self.cfg.distributed
-        return ShardPlan(
-            names, [infos[n].numel for n in names], [e.name for e in source.experts], ranks, groups,
-            self.storage_dtype.itemsize, base_dtype.itemsize, layout.groups, spec.offload,
-            spec.memory_per_rank,
-        )  # fmt: skip
-
     def _body(
         self, source: TaskVectorSource, layout: CoefficientLayout, init: float, comm: Comm
     ) -> MergedBody | ShardedBody:
@@ -202,7 +189,8 @@ class LearnedMerge:
             store = TaskVectorStore.build(source, self.storage_dtype, self.device, self.progress)
             return MergedBody(store, layout, init, self.params.impl)
         groups = spec.task_groups if comm is self.comm else 1
-        plan = self.plan(source, layout, comm.size, groups)
+        tasks = [e.name for e in source.experts]
+        plan = ShardPlan.for_source(source, tasks, comm.size, groups, self.storage_dtype, layout.groups, spec)
         if comm.is_leader:
             log.info("%s", plan.describe())
         p, _ = plan.coords(comm.rank)

@@ -53,9 +53,7 @@ class TaskVectorStore:
         sizes = [math.prod(s) for s in shapes]
         offsets = torch.tensor([0, *sizes], dtype=torch.int64).cumsum(0)
         total = int(offsets[-1])
-        dtypes = {source.base.infos[n].dtype for n in names}
-        base_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        base_flat = torch.empty(total, dtype=base_dtype, device=device)
+        base_flat = torch.empty(total, dtype=source.merged_dtype, device=device)
         tau_flat = torch.empty(source.k, total, dtype=storage_dtype, device=device)
         for t, name in enumerate(tqdm(names, desc="task vectors", unit="tensor", disable=not progress)):
             lo, hi = int(offsets[t]), int(offsets[t + 1])
@@ -81,7 +79,16 @@ class TaskVectorStore:
 
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of a flat [N] buffer as the named tensors, in their shapes."""
-        return {
-            name: flat[int(self.offsets[t]) : int(self.offsets[t + 1])].view(shape)
-            for t, (name, shape) in enumerate(zip(self.names, self.shapes, strict=True))
-        }
+        return split_flat(flat, self.names, self.shapes)
+
+
+def split_flat(
+    flat: torch.Tensor, names: list[str], shapes: list[tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """Views of a flat [N] buffer (tensors concatenated in `names` order) as the named tensors."""
+    out, start = {}, 0
+    for name, shape in zip(names, shapes, strict=True):
+        numel = math.prod(shape)
+        out[name] = flat[start : start + numel].view(shape)
+        start += numel
+    return out

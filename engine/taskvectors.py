@@ -104,6 +104,12 @@ class TaskVectorSource:
     def k(self) -> int:
         return len(self.experts)
 
+    @property
+    def merged_dtype(self) -> torch.dtype:
+        """dtype of the merged body: the base's, or float32 where its tensors' dtypes differ."""
+        dtypes = {self.base.infos[n].dtype for n in self.names}
+        return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
     def _check_compatible(self, expert: Expert) -> None:
         ckpt = expert.checkpoint
         if self.base.config is not None and ckpt.config is not None:

@@ -113,19 +113,22 @@ class CoefficientTrainer:
     ) -> None:
         self.body, self.model, self.tasks, self.fixed, self.cfg = body, model, tasks, fixed, cfg
         self.comm = comm if comm is not None else Comm(None, [0], 0)
-        self._dealt = 0
         self.objective = resolve_objective(cfg.objective)
         self.state_path = state_path
         self.optimizer = torch.optim.Adam([body.w], lr=cfg.lr)
         self.device = body.w.device
 
-    def _my_batches(self, task: Task) -> Iterator[tuple[dict, torch.Tensor | None]]:
-        """The micro-batches of `task` this rank computes: the job's (task, batch) pairs are
-        dealt round-robin over the ranks, so the ranks together see every batch once."""
-        for inputs, labels in task.data.batches(self.cfg.batch_size, self.device):
-            if self._dealt % self.comm.size == self.comm.rank:
-                yield inputs, labels
-            self._dealt += 1
+    def _my_batches(self, tasks: list[Task]) -> Iterator[tuple[int, Task, Tensors, torch.Tensor | None]]:
+        """(task index, task, inputs, labels) of the micro-batches this rank computes: the job's
+        (task, batch) pairs are dealt round-robin over the ranks, so the ranks together see every
+        batch once; only the rank that computes a batch moves it to its device."""
+        dealt = 0
+        for t, task in enumerate(tasks):
+            for inputs, labels in task.data.batches(self.cfg.batch_size):
+                if dealt % self.comm.size == self.comm.rank:
+                    inputs = {k: v.to(self.device) for k, v in inputs.items()}
+                    yield t, task, inputs, None if labels is None else labels.to(self.device)
+                dealt += 1
 
     def losses_and_grad(self) -> dict[str, float]:
         """Mean loss per task at the current W; leaves dLoss/dW in body.w.grad."""
@@ -143,13 +146,10 @@ class CoefficientTrainer:
             body[name] = leaf
         params = {**self.fixed, **body}
         totals = torch.zeros(len(self.tasks), dtype=torch.float64)
-        self._dealt = 0
-        for t, task in enumerate(self.tasks):
-            scale = 1.0 / (len(task.data) * len(self.tasks))
-            for inputs, labels in self._my_batches(task):
-                loss = self.objective(self.model.logits(params, task.head, inputs), labels)
-                (loss * scale).backward()
-                totals[t] += float(loss.detach())
+        for t, task, inputs, labels in self._my_batches(self.tasks):
+            loss = self.objective(self.model.logits(params, task.head, inputs), labels)
+            (loss * (1.0 / (len(task.data) * len(self.tasks)))).backward()
+            totals[t] += float(loss.detach())
         for leaf, grad_view in zip(body.values(), self.body.split(grad).values(), strict=True):
             if leaf.grad is not grad_view:  # autograd replaced it instead of adding in place
                 grad_view.copy_(leaf.grad)
@@ -228,10 +228,8 @@ class CoefficientTrainer:
         params = {**self.fixed, **self.body.merged_tensors()}
         labelled = [task for task in self.tasks if task.data.labels is not None]
         correct = torch.zeros(len(labelled), dtype=torch.float64)
-        self._dealt = 0
-        for t, task in enumerate(labelled):
-            for inputs, labels in self._my_batches(task):
-                correct[t] += int((self.model.logits(params, task.head, inputs).argmax(-1) == labels).sum())
+        for t, task, inputs, labels in self._my_batches(labelled):
+            correct[t] += int((self.model.logits(params, task.head, inputs).argmax(-1) == labels).sum())
         self.comm.all_reduce(correct, "accuracy")
         return {task.name: float(correct[t]) / len(task.data) for t, task in enumerate(labelled)}
 

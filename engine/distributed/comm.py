@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from supermerge.errors import SupermergeError
+from supermerge.memory import nbytes
 
 log = logging.getLogger(__name__)
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -53,19 +54,12 @@ class CommStats:
     """
 
     bytes_by_tag: dict[str, int] = field(default_factory=dict)
-    calls_by_tag: dict[str, int] = field(default_factory=dict)
 
     def add(self, tag: str, nbytes: int) -> None:
         self.bytes_by_tag[tag] = self.bytes_by_tag.get(tag, 0) + nbytes
-        self.calls_by_tag[tag] = self.calls_by_tag.get(tag, 0) + 1
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.bytes_by_tag.values())
 
     def reset(self) -> None:
         self.bytes_by_tag.clear()
-        self.calls_by_tag.clear()
 
 
 class Comm:
@@ -110,7 +104,7 @@ class Comm:
 
     def all_reduce(self, tensor: torch.Tensor, tag: str) -> None:
         """In-place sum over the group."""
-        wire = 2 * (self.size - 1) / self.size * _nbytes(tensor)
+        wire = 2 * (self.size - 1) / self.size * nbytes(tensor)
         self._run("all_reduce", tag, wire, lambda: dist.all_reduce(tensor, group=self.group))
 
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, tag: str) -> None:
@@ -118,16 +112,16 @@ class Comm:
         if self.size == 1:
             out.copy_(inp)
             return
-        wire = (self.size - 1) / self.size * _nbytes(inp)
-        self._run("reduce_scatter", tag, wire, lambda: dist.reduce_scatter_tensor(out, inp, group=self.group))
+        wire = (self.size - 1) / self.size * nbytes(inp)
+        self._run("reduce_scatter", tag, wire, lambda: _REDUCE_SCATTER(out, inp, group=self.group))
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor, tag: str) -> None:
         """out = every rank's inp, concatenated in group order."""
         if self.size == 1:
             out.copy_(inp)
             return
-        wire = (self.size - 1) * _nbytes(inp)
-        self._run("all_gather", tag, wire, lambda: dist.all_gather_into_tensor(out, inp, group=self.group))
+        wire = (self.size - 1) * nbytes(inp)
+        self._run("all_gather", tag, wire, lambda: _ALL_GATHER(out, inp, group=self.group))
 
     def broadcast_object(self, obj: Any) -> Any:
         """The leader's `obj` on every rank (small Python objects only)."""
@@ -200,10 +194,6 @@ class Comm:
             f"rank {self.global_rank}: a peer rank failed during {where}; the rendezvous store is "
             f"unreachable, so rank 0 (its host) is the likely one ({first})"
         )
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
 
 
 def _default_store() -> Any:

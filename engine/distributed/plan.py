@@ -31,7 +31,8 @@ from supermerge.errors import SupermergeError
 from supermerge.memory import human_bytes
 
 if TYPE_CHECKING:
-    from supermerge.config import MergeConfig
+    from supermerge.config import DistributedSpec, MergeConfig
+    from supermerge.taskvectors import TaskVectorSource
 
 OFFLOAD_TARGETS = ("none", "cpu", "nvme")
 
@@ -95,6 +96,24 @@ class ShardPlan:
             raise SupermergeError(
                 f"distributed.offload: must be one of {OFFLOAD_TARGETS}, got {self.offload!r}"
             )
+
+    @classmethod
+    def for_source(
+        cls,
+        source: TaskVectorSource,
+        tasks: list[str],
+        ranks: int,
+        task_groups: int,
+        storage_dtype: torch.dtype,
+        columns: int,
+        spec: DistributedSpec,
+    ) -> ShardPlan:
+        """The plan of `source`'s merged tensors (headers only) for `tasks` over `ranks` ranks."""
+        infos = source.base.infos
+        return cls(
+            list(source.names), [infos[n].numel for n in source.names], tasks, ranks, task_groups,
+            storage_dtype.itemsize, source.merged_dtype.itemsize, columns, spec.offload, spec.memory_per_rank,
+        )  # fmt: skip
 
     @property
     def n(self) -> int:
@@ -232,22 +251,23 @@ def describe_job(cfg: MergeConfig, ranks: int) -> str:
     params = parse_params(LEARNED[cfg.method], cfg.method_params, "method")
     source = open_sources(cfg)
     layout = CoefficientLayout.build(source.names, params.granularity, params.blocks)
-    infos = source.base.infos
-    dtypes = {infos[n].dtype for n in source.names}
-    base_itemsize = (dtypes.pop() if len(dtypes) == 1 else torch.float32).itemsize
     spec = cfg.distributed
     k = source.k
     g = params.group_size
     lines = []
     if g and k > g:
         first = math.ceil(k / g)
-        waves = math.ceil(first / ranks)
         grouping = "given in method.groups" if params.groups else "by task-vector similarity at run time"
+        if spec.offload == "none":
+            schedule = (
+                f"they train {min(first, ranks)} at a time on disjoint groups of about "
+                f"{max(1, ranks // first)} rank(s) ({math.ceil(first / ranks)} wave(s))"
+            )
+        else:  # ZeRO partitions an offloaded store over the whole job
+            schedule = "they train one after another on all ranks (offloaded store)"
         lines.append(
             f"hierarchical, g = {g}: level 0 has {first} node(s) of at most {g} tasks ({grouping}); "
-            f"they train {min(first, ranks)} at a time on disjoint groups of about "
-            f"{max(1, ranks // first)} rank(s) ({waves} wave(s)); each node holds at most g task "
-            "vectors over its group's ranks. "
+            f"{schedule}; each node holds at most g task vectors over its ranks. "
             "The root (below, with its inputs as tasks) trains on all ranks."
         )
         tasks = [f"node{j}" for j in range(first)]
@@ -255,9 +275,8 @@ def describe_job(cfg: MergeConfig, ranks: int) -> str:
             tasks = [f"node{j}" for j in range(math.ceil(len(tasks) / g))]
     else:
         tasks = [e.name for e in source.experts]
-    plan = ShardPlan(
-        list(source.names), [infos[n].numel for n in source.names], tasks, ranks,
-        spec.task_groups if ranks > 1 else 1, STORAGE_DTYPES[params.storage_dtype].itemsize,
-        base_itemsize, layout.groups, spec.offload, spec.memory_per_rank,
+    plan = ShardPlan.for_source(
+        source, tasks, ranks, spec.task_groups if ranks > 1 else 1, STORAGE_DTYPES[params.storage_dtype],
+        layout.groups, spec,
     )  # fmt: skip
     return "\n".join([*lines, plan.describe()])

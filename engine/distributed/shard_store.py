@@ -18,19 +18,19 @@ import torch
 from tqdm import tqdm
 
 from supermerge.distributed.plan import ShardPlan
+from supermerge.store import split_flat
 from supermerge.taskvectors import TaskVectorSource
 
 
 @dataclass
-class ShardStore:
-    """A rank's base piece and task vectors (see module docstring).
+class ShardLayout:
+    """What every rank's store shares, resident or offloaded: where its shard sits in the body.
 
     Attributes:
         plan: the job's plan.
         rank: this rank's index in the plan.
         names, shapes: every merged tensor (for splitting the gathered full body).
         rows: indices of the tasks held (the task group).
-        tau_local: [k_q, n] task vectors over the layer shard.
         base_piece: [S] fp32 base over this rank's piece, zero beyond N.
         offsets: [T_p + 1] int64 segment offsets within the layer shard (CPU).
         segment_tensor: [T_p] int64 tensor index of each segment.
@@ -42,11 +42,46 @@ class ShardStore:
     names: list[str]
     shapes: list[tuple[int, ...]]
     rows: list[int]
-    tau_local: torch.Tensor
     base_piece: torch.Tensor
     offsets: torch.Tensor
     segment_tensor: torch.Tensor
     base_dtype: torch.dtype
+
+    @staticmethod
+    def fields(
+        source: TaskVectorSource, plan: ShardPlan, rank: int, rows: list[int], base_piece: torch.Tensor
+    ) -> dict:
+        """The ShardLayout fields of `rank`'s shard of `source` under `plan`."""
+        segments = plan.segments(plan.coords(rank)[0])
+        shapes = [source.base.infos[n].shape for n in source.names]
+        assert all(math.prod(s) == n for s, n in zip(shapes, plan.numels, strict=True))
+        return {
+            "plan": plan, "rank": rank, "names": list(source.names), "shapes": shapes, "rows": rows,
+            "base_piece": base_piece,
+            "offsets": torch.tensor([0, *[s.hi - s.lo for s in segments]], dtype=torch.int64).cumsum(0),
+            "segment_tensor": torch.tensor([s.tensor for s in segments], dtype=torch.int64),
+            "base_dtype": source.merged_dtype,
+        }  # fmt: skip
+
+    @property
+    def n_local(self) -> int:
+        """Elements of the layer shard held (its unpadded length)."""
+        return int(self.offsets[-1])
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of a full flat [N] buffer as the named tensors, in their shapes."""
+        return split_flat(flat, self.names, self.shapes)
+
+
+@dataclass
+class ShardStore(ShardLayout):
+    """A rank's base piece and task vectors, resident on its device (see module docstring).
+
+    Attributes (beyond ShardLayout's):
+        tau_local: [k_q, n] task vectors over the layer shard.
+    """
+
+    tau_local: torch.Tensor
 
     resident = True  # tau_local is on the compute device for the whole run
 
@@ -64,11 +99,10 @@ class ShardStore:
         p, q = plan.coords(rank)
         shard_lo, shard_hi = plan.shard_range(p)
         piece_lo = rank * plan.piece - shard_lo  # this rank's piece, within the shard
-        segments = plan.segments(p)
         rows = plan.task_rows(q)
         tau_local = torch.empty(len(rows), shard_hi - shard_lo, dtype=storage_dtype, device=device)
         base_piece = torch.zeros(plan.piece, dtype=torch.float32, device=device)
-        for seg in tqdm(segments, desc=f"rank {rank} shard", unit="tensor", disable=not progress):
+        for seg in tqdm(plan.segments(p), desc=f"rank {rank} shard", unit="tensor", disable=not progress):
             name = source.names[seg.tensor]
             base = source.read_base(name, (seg.lo, seg.hi)).to(device)
             a, b = seg.start, seg.start + seg.hi - seg.lo
@@ -77,16 +111,7 @@ class ShardStore:
             lo, hi = max(a, piece_lo), min(b, piece_lo + plan.piece)
             if lo < hi:
                 base_piece[lo - piece_lo : hi - piece_lo] = base[lo - a : hi - a]
-        sizes = [s.hi - s.lo for s in segments]
-        offsets = torch.tensor([0, *sizes], dtype=torch.int64).cumsum(0)
-        shapes = [source.base.infos[n].shape for n in source.names]
-        dtypes = {source.base.infos[n].dtype for n in source.names}
-        base_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        assert all(math.prod(s) == n for s, n in zip(shapes, plan.numels, strict=True))
-        return cls(
-            plan, rank, list(source.names), shapes, rows, tau_local, base_piece, offsets,
-            torch.tensor([s.tensor for s in segments], dtype=torch.int64), base_dtype,
-        )  # fmt: skip
+        return cls(**cls.fields(source, plan, rank, rows, base_piece), tau_local=tau_local)
 
     @property
     def task_vector_bytes(self) -> int:
@@ -97,18 +122,3 @@ class ShardStore:
     def nbytes(self) -> int:
         """Bytes of the task vectors and base piece held."""
         return sum(t.numel() * t.element_size() for t in (self.tau_local, self.base_piece))
-
-    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        return split_flat(flat, self.names, self.shapes)
-
-
-def split_flat(
-    flat: torch.Tensor, names: list[str], shapes: list[tuple[int, ...]]
-) -> dict[str, torch.Tensor]:
-    """Views of a full flat [N] buffer as the named tensors, in their shapes."""
-    out, start = {}, 0
-    for name, shape in zip(names, shapes, strict=True):
-        numel = math.prod(shape)
-        out[name] = flat[start : start + numel].view(shape)
-        start += numel
-    return out

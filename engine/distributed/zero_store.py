@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from supermerge.distributed.plan import ShardPlan
-from supermerge.distributed.shard_store import split_flat
+from supermerge.distributed.shard_store import ShardLayout
 from supermerge.errors import SupermergeError
 from supermerge.taskvectors import TaskVectorSource
 
@@ -78,31 +78,20 @@ class _Holder(torch.nn.Module):
 
 
 @dataclass
-class ZeroShardStore:
-    """A rank's task vectors as ZeRO-3 partitions (see module docstring); the ShardStore fields
-    the body reads, with `tau_local` replaced by `chunks()`.
+class ZeroShardStore(ShardLayout):
+    """A rank's task vectors as ZeRO-3 partitions (see module docstring): ShardLayout's fields
+    (rows: every task, Q = 1), with ShardStore's `tau_local` replaced by `chunks()`.
 
-    Attributes:
-        plan, rank, names, shapes, rows, base_piece, offsets, segment_tensor, base_dtype:
-            as in ShardStore (rows: every task, Q = 1).
+    Attributes (beyond ShardLayout's):
         params: the k ZeRO parameters; `params[i].ds_tensor` is [S] in CPU memory.
         device: where the kernel runs.
         chunk_elements: elements per streamed layer group (at least one whole segment).
     """
 
-    plan: ShardPlan
-    rank: int
-    names: list[str]
-    shapes: list[tuple[int, ...]]
-    rows: list[int]
     params: list[torch.nn.Parameter]
-    base_piece: torch.Tensor
-    offsets: torch.Tensor
-    segment_tensor: torch.Tensor
-    base_dtype: torch.dtype
     device: torch.device
     chunk_elements: int
-    _holder: torch.nn.Module
+    holder: torch.nn.Module  # owns the ZeRO parameters
 
     resident = False
 
@@ -149,19 +138,8 @@ class ZeroShardStore:
             base_piece[a:b] = base.to(device)
             for i, p in enumerate(params):
                 p.ds_tensor[a:b] = source.task_vector(name, base, i, (seg.lo, seg.hi))
-        sizes = [s.hi - s.lo for s in segments]
-        dtypes = {source.base.infos[n].dtype for n in source.names}
-        return cls(
-            plan, rank, list(source.names), [source.base.infos[n].shape for n in source.names],
-            list(range(source.k)), params, base_piece,
-            torch.tensor([0, *sizes], dtype=torch.int64).cumsum(0),
-            torch.tensor([s.tensor for s in segments], dtype=torch.int64),
-            dtypes.pop() if len(dtypes) == 1 else torch.float32, device, chunk_elements, holder,
-        )  # fmt: skip
-
-    @property
-    def n_local(self) -> int:
-        return int(self.offsets[-1])
+        layout = cls.fields(source, plan, rank, list(range(source.k)), base_piece)
+        return cls(**layout, params=params, device=device, chunk_elements=chunk_elements, holder=holder)
 
     @property
     def nbytes(self) -> int:
@@ -205,9 +183,6 @@ class ZeroShardStore:
             current = ahead
             ahead = self._stage(groups[g + 1], stream) if g + 1 < len(groups) else None
             yield current
-
-    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        return split_flat(flat, self.names, self.shapes)
 
 
 def _free_port() -> int:

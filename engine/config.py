@@ -24,8 +24,8 @@
     seed: 0                       # seeds random methods (DARE), per expert and tensor
     distributed:                  # learned methods under torchrun / deepspeed / accelerate
       task_groups: 1              # Q: ranks = layer shards x task groups (supermerge plan)
-      offload: none               # where task-vector shards live: none | cpu | nvme (DeepSpeed)
-      nvme_path: null             # offload nvme: folder on the NVMe drive
+      offload: none               # where task-vector shards live: none | cpu (DeepSpeed ZeRO-3)
+      nvme_path: null             # reserved for offload nvme (refused for now)
       memory_per_rank: null       # optional budget the plan checks (e.g. 16GB)
       timeout_s: 300              # a collective waits this long for a silent rank
       prefetch_elements: 4194304  # offload: elements per streamed layer group (two are staged)
@@ -229,9 +229,13 @@ def _distributed_spec(raw: Any, source: Path | None) -> DistributedSpec:
     offload = raw.get("offload", "none")
     if offload not in ("none", "cpu", "nvme"):
         raise ConfigError("distributed.offload", f"expected none, cpu or nvme, got {offload!r}", source)
+    if offload == "nvme":  # refused before any work, not after DeepSpeed has started
+        raise ConfigError(
+            "distributed.offload",
+            "'nvme' is not supported yet (it needs DeepSpeed's async_io op and libaio); use none or cpu",
+            source,
+        )
     nvme = raw.get("nvme_path")
-    if offload == "nvme" and not isinstance(nvme, str):
-        raise ConfigError("distributed.nvme_path", "offload nvme needs a folder on the NVMe drive", source)
     budget = raw.get("memory_per_rank")
     timeout = raw.get("timeout_s", 300.0)
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:

@@ -121,6 +121,12 @@ def test_nan_in_the_base(capsys, make_models, write_yaml, base_state) -> None:
         ({"dtype": "float8"}, "dtype"),
         ({"shard_size": "lots"}, "shard_size"),
         ({"device": "tpu"}, "device"),
+        ({"distributed": {"task_group": 2}}, "distributed.task_group"),
+        ({"distributed": {"task_groups": 0}}, "distributed.task_groups"),
+        ({"distributed": {"offload": "gpu"}}, "distributed.offload"),
+        ({"distributed": {"offload": "nvme", "nvme_path": "/nvme"}}, "distributed.offload"),
+        ({"distributed": {"timeout_s": -1}}, "distributed.timeout_s"),
+        ({"distributed": {"prefetch_elements": 0}}, "distributed.prefetch_elements"),
     ],
 )
 def test_bad_yaml_fields_name_the_field(capsys, make_models, write_yaml, override, field) -> None:

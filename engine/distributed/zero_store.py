@@ -54,11 +54,8 @@ class Chunk:
 
 def zero_config(offload: str) -> dict:
     """The DeepSpeed config of the store: ZeRO-3 partitioning with every parameter offloaded."""
-    if offload != "cpu":
-        raise SupermergeError(
-            f"distributed.offload: {offload!r} is not supported yet; 'cpu' offloads through DeepSpeed "
-            "ZeRO-3 (nvme needs DeepSpeed's async_io op and libaio, not built here)"
-        )
+    if offload != "cpu":  # the config refuses anything else; this guards other callers
+        raise SupermergeError(f"distributed.offload: only 'cpu' is supported, got {offload!r}")
     return {
         "train_micro_batch_size_per_gpu": 1,
         "zero_optimization": {

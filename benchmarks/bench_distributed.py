@@ -1,10 +1,13 @@
-"""Distributed SuperMerge on CPU (gloo): per-rank memory, time per step and traffic vs ranks and k.
+"""Distributed SuperMerge on CPU (gloo): per-rank memory, time per step and traffic vs ranks and k,
+with the merged body all-gathered once per step (`distributed.gather: body`) and layer by layer
+(`gather: layer`).
 
 A synthetic model (an MLP of `--layers` square layers of width `--width`, fp32) and k experts
 (base + random task vectors) are written to a work folder; `supermerge merge` then runs as one
-process and under torchrun with R = 2 and 4 ranks at k = 8, and at R = 2 for k = 2, 4, 8. From
-each run's coefficients.json / supermerge_merge.json it prints, per run:
+process and under torchrun with R = 2 and 4 ranks at k = 8, and at R = 2 for k = 2, 4, 8, in each
+gather mode of `--gather`. From each run's coefficients.json / supermerge_merge.json it prints:
 - task-vector bytes each rank held (goal: total / R within 5%), and each rank's peak RSS;
+- the tensor bytes the engine held at its peak (store, merged weights, gradients: tracked);
 - time per training step (on this machine's cores: with more ranks than cores the ranks share
   them, so this is not a scaling figure);
 - bytes a rank sent per step, split into tensor traffic (goal: flat in k) and dW (k x G floats).
@@ -31,6 +34,8 @@ from torch import nn
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = 4
+RUNS = [(8, 1), (8, 2), (8, 4), (2, 2), (4, 2)]  # (k, ranks), in each gather mode
+OFFLOAD_RUNS = [(8, 1, "body"), (8, 2, "layer")]  # (k, ranks, gather), for each offload target
 
 
 class WideMLP(nn.Module):
@@ -78,12 +83,16 @@ def write_suite(work: Path, k: int, width: int, layers: int) -> Path:
     return config
 
 
-def run(config: Path, ranks: int, steps: int, env: dict) -> dict:
+def run(config: Path, ranks: int, steps: int, gather: str, offload: str, env: dict) -> dict:
     """One merge; returns the root node record, the summary and the wall time."""
     doc = yaml.safe_load(config.read_text())
     doc["method"]["steps"] = steps
-    doc["output"] = f"out-r{ranks}"
-    run_config = config.with_name(f"merge-r{ranks}.yaml")
+    doc["output"] = f"out-r{ranks}-{gather}-{offload}"
+    doc["distributed"] = {"gather": gather, "offload": offload}
+    if offload == "nvme":
+        (config.parent / "nvme").mkdir(exist_ok=True)
+        doc["distributed"]["nvme_path"] = "nvme"
+    run_config = config.with_name(f"merge-r{ranks}-{gather}-{offload}.yaml")
     run_config.write_text(yaml.safe_dump(doc))
     launcher = [str(BIN / "supermerge")] if ranks == 1 else [
         str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={ranks}", "-m", "supermerge",
@@ -100,14 +109,40 @@ def run(config: Path, ranks: int, steps: int, env: dict) -> dict:
     return {"root": root, "summary": summary, "wall": wall}
 
 
+def nvme_read_bandwidth(folder: Path, nbytes: int, block: int = 64 << 20) -> float:
+    """Bytes per second DeepSpeed's aio handle reads from a file of `nbytes` in `folder` (O_DIRECT,
+    so not the page cache), in blocks of `block` bytes: the floor the NVMe store is held to."""
+    from supermerge.distributed.nvme_store import aio_handle
+
+    handle = aio_handle()
+    buffer = handle.new_cpu_locked_tensor(block, torch.empty(0, dtype=torch.uint8))
+    buffer.random_(0, 255)
+    path = folder / "bandwidth.bin"
+    blocks = max(1, nbytes // block)
+    for b in range(blocks):
+        handle.sync_pwrite(buffer, str(path), b * block)
+    start = time.perf_counter()
+    for b in range(blocks):
+        handle.sync_pread(buffer, str(path), b * block)
+    seconds = time.perf_counter() - start
+    handle.free_cpu_locked_tensor(buffer)
+    path.unlink()
+    return blocks * block / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--gather", default="body,layer", help="comma-separated gather modes to run")
+    parser.add_argument(
+        "--offload", default="cpu,nvme", help="offload targets to run at k = 8 (nvme needs libaio-dev)"
+    )
     args = parser.parse_args()
     env = os.environ | {
         "BENCH_WIDTH": str(args.width), "BENCH_LAYERS": str(args.layers), "OMP_NUM_THREADS": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     }  # fmt: skip
     device = (
@@ -118,33 +153,59 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
         work = Path(tmp)
         configs = {k: write_suite(work, k, args.width, args.layers) for k in (2, 4, 8)}
-        for k, ranks in [(8, 1), (8, 2), (8, 4), (2, 2), (4, 2)]:
-            result = run(configs[k], ranks, args.steps, env)
+        runs = [(k, ranks, gather, "none") for gather in args.gather.split(",") for k, ranks in RUNS]
+        offloads = [o for o in args.offload.split(",") if o]
+        runs += [(k, ranks, gather, o) for o in offloads for k, ranks, gather in OFFLOAD_RUNS]
+        for k, ranks, gather, offload in runs:
+            result = run(configs[k], ranks, args.steps, gather, offload, env)
             root = result["root"]
             n = sum(
                 p.numel() for n_, p in WideMLP(args.width, args.layers).named_parameters() if "head" not in n_
             )
             total = k * n * 4
             shares = root["rank_task_vector_bytes"]
-            worst = max(abs(b - total / ranks) / (total / ranks) for b in shares)
+            # an offloaded store holds no task vectors on the compute device: nothing to balance there
+            worst = (
+                max(abs(b - total / ranks) / (total / ranks) for b in shares) if offload == "none" else 0.0
+            )
             traffic = root["comm_bytes_per_step"]
             tensor = sum(b for t, b in traffic.items() if t not in ("dW", "loss", "accuracy", "objects"))
             rows.append({
-                "k": k, "ranks": ranks, "task_vector_bytes_total": total, "rank_task_vector_bytes": shares,
+                "gather": gather, "offload": offload, "k": k, "ranks": ranks,
+                "task_vector_bytes_total": total,
+                "rank_task_vector_bytes": shares, "tracked_bytes": root["tracked_bytes"],
                 "worst_share_error": worst, "rank_peak_rss": root["rank_peak_rss"],
                 "seconds_per_step": root["train_seconds"] / args.steps, "tensor_bytes_per_step": tensor,
                 "dW_bytes_per_step": traffic.get("dW", 0), "wall_seconds": result["wall"],
             })  # fmt: skip
             print(
-                f"k={k} R={ranks}: task vectors per rank {[f'{b / 2**20:.1f}' for b in shares]} MiB "
+                f"gather={gather} offload={offload} k={k} R={ranks}: task vectors per rank "
+                f"{[f'{b / 2**20:.1f}' for b in shares]} MiB "
                 f"(total/R {total / ranks / 2**20:.1f} MiB, worst {100 * worst:.2f}% off), peak RSS per rank "
-                f"{[f'{r / 2**20:.0f}' for r in root['rank_peak_rss']]} MiB, "
+                f"{[f'{r / 2**20:.0f}' for r in root['rank_peak_rss']]} MiB, tracked tensors "
+                f"{root['tracked_bytes'] / 2**20:.1f} MiB, "
                 f"{rows[-1]['seconds_per_step']:.3f} s/step, sent per step: tensors "
                 f"{tensor / 2**20:.2f} MiB, dW {traffic.get('dW', 0)} B"
             )
+        bandwidth = None
+        if "nvme" in offloads:
+            largest = max(r["task_vector_bytes_total"] // r["ranks"] for r in rows if r["offload"] == "nvme")
+            bandwidth = nvme_read_bandwidth(work, largest)
+            print(f"aio read bandwidth of the drive under {work}: {bandwidth / 2**30:.2f} GiB/s")
+            for row in rows:
+                if row["offload"] == "nvme":  # forward and backward each read the rank's shard once
+                    row["read_floor_seconds_per_step"] = (
+                        2 * row["task_vector_bytes_total"] / row["ranks"] / bandwidth
+                    )
+                    print(
+                        f"nvme k={row['k']} R={row['ranks']} {row['gather']}: "
+                        f"{row['seconds_per_step']:.3f} s/step, read floor "
+                        f"{row['read_floor_seconds_per_step']:.3f} s/step"
+                    )
     out = ROOT / "benchmarks" / "results" / "distributed_cpu.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"device": device, "args": vars(args), "rows": rows}, indent=2))
+    record = {"device": device, "args": vars(args), "rows": rows, "nvme_read_bytes_per_s": bandwidth}
+    out.write_text(json.dumps(record, indent=2))
     print(f"wrote {out}")
 
 

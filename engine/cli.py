@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import logging
 import os
 import sys
@@ -238,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the deepspeed launcher appends --local_rank=N; the rank is read from the environment
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     args = build_parser().parse_args(argv)
+    if not faulthandler.is_enabled():  # a crash in native code (a rank aborting) shows where it was
+        faulthandler.enable(all_threads=True)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",

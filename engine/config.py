@@ -24,8 +24,11 @@
     seed: 0                       # seeds random methods (DARE), per expert and tensor
     distributed:                  # learned methods under torchrun / deepspeed / accelerate
       task_groups: 1              # Q: ranks = layer shards x task groups (supermerge plan)
-      offload: none               # where task-vector shards live: none | cpu (DeepSpeed ZeRO-3)
-      nvme_path: null             # reserved for offload nvme (refused for now)
+      offload: none               # where task-vector shards live: none | cpu (DeepSpeed ZeRO-3
+                                  # offload_param) | nvme (files read by DeepSpeed's async I/O op)
+      nvme_path: null             # offload nvme: a folder on the drive (O_DIRECT-capable, not tmpfs)
+      gather: body                # body: all-gather the merged body once per step | layer: each
+                                  # layer's merged tensors just before it runs, freed after
       memory_per_rank: null       # optional budget the plan checks (e.g. 16GB)
       timeout_s: 300              # a collective waits this long for a silent rank
       prefetch_elements: 4194304  # offload: elements per streamed layer group (two are staged)
@@ -58,6 +61,7 @@ TOP_LEVEL = {
 }  # fmt: skip
 EXPERT_FIELDS = {"name", "path", "weight", "density", "data"}
 DATA_SUFFIXES = (".jsonl", ".pt", ".safetensors")
+GATHER_MODES = ("body", "layer")
 SIZE_UNITS = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
 
 
@@ -77,7 +81,8 @@ class DistributedSpec:
 
     task_groups: int = 1
     offload: str = "none"
-    nvme_path: str | None = None
+    nvme_path: Path | None = None
+    gather: str = "body"
     memory_per_rank: int = 0
     timeout_s: float = 300.0
     prefetch_elements: int = 2**22
@@ -210,11 +215,11 @@ def config_from_dict(raw: Any, root: Path, source: Path | None = None) -> MergeC
         seed=seed,
         source=source,
         model=model,
-        distributed=_distributed_spec(raw.get("distributed") or {}, source),
+        distributed=_distributed_spec(raw.get("distributed") or {}, path, source),
     )
 
 
-def _distributed_spec(raw: Any, source: Path | None) -> DistributedSpec:
+def _distributed_spec(raw: Any, path: Callable[[str], Path], source: Path | None) -> DistributedSpec:
     if not isinstance(raw, dict):
         raise ConfigError("distributed", f"expected a mapping, got {raw!r}", source)
     fields = {f.name for f in dataclasses.fields(DistributedSpec)}
@@ -229,13 +234,21 @@ def _distributed_spec(raw: Any, source: Path | None) -> DistributedSpec:
     offload = raw.get("offload", "none")
     if offload not in ("none", "cpu", "nvme"):
         raise ConfigError("distributed.offload", f"expected none, cpu or nvme, got {offload!r}", source)
-    if offload == "nvme":  # refused before any work, not after DeepSpeed has started
-        raise ConfigError(
-            "distributed.offload",
-            "'nvme' is not supported yet (it needs DeepSpeed's async_io op and libaio); use none or cpu",
-            source,
-        )
     nvme = raw.get("nvme_path")
+    if nvme is not None and not isinstance(nvme, str):
+        raise ConfigError("distributed.nvme_path", f"expected a folder path, got {nvme!r}", source)
+    problem = None  # checked before any work, not after the stores are half built
+    if offload == "nvme" and nvme is None:
+        problem = "offload nvme needs a folder on the NVMe drive"
+    elif offload == "nvme" and not path(nvme).is_dir():
+        problem = f"{path(nvme)} is not an existing folder"
+    elif offload != "nvme" and nvme is not None:
+        problem = f"only used with offload nvme (offload is {offload})"
+    if problem:
+        raise ConfigError("distributed.nvme_path", problem, source)
+    gather = raw.get("gather", "body")
+    if gather not in GATHER_MODES:
+        raise ConfigError("distributed.gather", f"expected body or layer, got {gather!r}", source)
     budget = raw.get("memory_per_rank")
     timeout = raw.get("timeout_s", 300.0)
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
@@ -246,7 +259,7 @@ def _distributed_spec(raw: Any, source: Path | None) -> DistributedSpec:
             "distributed.prefetch_elements", f"expected a positive integer, got {prefetch!r}", source
         )
     return DistributedSpec(
-        groups, offload, nvme,
+        groups, offload, path(nvme) if nvme else None, gather,
         parse_size(budget, "distributed.memory_per_rank", source) if budget is not None else 0,
         float(timeout), prefetch,
     )  # fmt: skip

@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from supermerge.config import MergeConfig
 from supermerge.data import load_jsonl_data, load_tensor_data
 from supermerge.distributed.body import ShardedBody
 from supermerge.distributed.comm import Comm, close_comm, init_comm
+from supermerge.distributed.nvme_store import NvmeShardStore
 from supermerge.distributed.plan import ShardPlan
 from supermerge.distributed.shard_store import ShardStore
 from supermerge.distributed.zero_store import ZeroShardStore
@@ -185,12 +187,14 @@ class LearnedMerge:
     ) -> MergedBody | ShardedBody:
         """One process: the whole store; several ranks (or offload): this rank's shard of the plan."""
         spec = self.cfg.distributed
-        if comm.size == 1 and spec.offload == "none":
+        if comm.size == 1 and spec.offload == "none" and spec.gather == "body":
             store = TaskVectorStore.build(source, self.storage_dtype, self.device, self.progress)
             return MergedBody(store, layout, init, self.params.impl)
         groups = spec.task_groups if comm is self.comm else 1
         tasks = [e.name for e in source.experts]
-        plan = ShardPlan.for_source(source, tasks, comm.size, groups, self.storage_dtype, layout.groups, spec)
+        plan = ShardPlan.for_source(
+            source, tasks, comm.size, groups, self.storage_dtype, layout.groups, spec, self.model.module
+        )
         if comm.is_leader:
             log.info("%s", plan.describe())
         p, _ = plan.coords(comm.rank)
@@ -198,20 +202,15 @@ class LearnedMerge:
         shard_comm = (
             comm.split([plan.coords(r)[0] for r in range(comm.size)], "shard") if groups > 1 else None
         )
+        args = (source, plan, comm.rank, self.storage_dtype, self.device)
         if spec.offload == "none":
-            store = ShardStore.build(source, plan, comm.rank, self.storage_dtype, self.device, self.progress)
+            store = ShardStore.build(*args, self.progress)
+        elif spec.offload == "cpu":
+            store = ZeroShardStore.build(*args, spec.prefetch_elements, self.progress)
         else:
-            store = ZeroShardStore.build(
-                source,
-                plan,
-                comm.rank,
-                self.storage_dtype,
-                self.device,
-                spec.prefetch_elements,
-                self.progress,
-            )
+            store = NvmeShardStore.build(*args, spec.prefetch_elements, spec.nvme_path, self.progress)
         single = Comm(None, [comm.global_rank], 0, comm.stats, f"shard{p}")
-        return ShardedBody(store, layout, comm, shard_comm or single, init, self.params.impl)
+        return ShardedBody(store, layout, comm, shard_comm or single, init, self.params.impl, spec.gather)
 
     def train_node(
         self, node: str, children: list[Expert], leaves: list[str], init: float, comm: Comm
@@ -251,6 +250,7 @@ class LearnedMerge:
     ) -> None:  # fmt: skip
         merged = body.merged_tensors()  # collective: every rank of `comm` takes part
         if not comm.is_leader:
+            take_part_in_gathers(merged, source)
             return
         (self.run_dir / "tree").mkdir(parents=True, exist_ok=True)
         with ShardedWriter(node_dir, self.cfg.shard_size, overwrite=True) as writer:
@@ -281,8 +281,8 @@ class LearnedMerge:
     def _train_level(self, level: int, todo: list[tuple[str, list[Expert], list[str]]]) -> None:
         """Train and write a level's nodes; with several ranks, up to one node per rank group at once."""
         init = self.params.init if level == 0 else self.params.upper_init
-        # DeepSpeed partitions an offloaded store over the whole job: nodes then train one by one
-        size = self.comm.size if self.cfg.distributed.offload == "none" else 1
+        # DeepSpeed partitions a ZeRO-offloaded store over the whole job: nodes then train one by one
+        size = self.comm.size if self.cfg.distributed.offload != "cpu" else 1
         for first in range(0, len(todo), size):
             wave = todo[first : first + size]
             comm = self.comm
@@ -342,6 +342,7 @@ class LearnedMerge:
         merged = body.merged_tensors()  # collective
         effective = effective_coefficients(self.records, [t for t in self.tasks])
         if not self.comm.is_leader:
+            take_part_in_gathers(merged, source)
             self.comm.barrier()  # the leader writes; return once the output is in place
             return self._summary(start, root, None)
         with ShardedWriter(cfg.output, cfg.shard_size, self.overwrite) as writer:
@@ -387,6 +388,13 @@ class LearnedMerge:
             ranks=self.comm.size,
             comm_bytes_per_step=root.comm_bytes_per_step,
         )
+
+
+def take_part_in_gathers(merged: Mapping[str, torch.Tensor], source: TaskVectorSource) -> None:
+    """What a rank that does not write does while the leader writes: ask for every merged tensor
+    in the writer's order (`write_tensors`), since layer mode gathers each one collectively."""
+    for name in source.names:
+        merged[name]
 
 
 def effective_coefficients(records: list[NodeRecord], tasks: list[str]) -> dict[str, list[float]]:

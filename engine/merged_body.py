@@ -8,6 +8,9 @@ store's flat buffers, so one call merges the whole body.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -15,6 +18,43 @@ from torch import nn
 from supermerge.coefficients import CoefficientLayout
 from supermerge.kernels import grouped_weighted_sum
 from supermerge.store import TaskVectorStore
+
+
+class FullBody(Protocol):
+    """A body whose forward gives the whole merged body [N] and whose backward takes its gradient."""
+
+    names: list[str]
+
+    def forward(self) -> torch.Tensor: ...
+
+    def backward(self, grad: torch.Tensor) -> None: ...
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+@contextmanager
+def full_body_pass(body: FullBody) -> Iterator[dict[str, torch.Tensor]]:
+    """One training pass over the whole merged body: yields it as one leaf per tensor; when the
+    caller's backward passes are done, sends their summed gradient to W (`body.backward`).
+
+    The leaves share the merged storage and their .grad are views of one flat buffer, so autograd
+    accumulates each tensor's gradient in place and nothing of size N is allocated per tensor (a
+    single leaf with views would expand every view's gradient to N).
+    """
+    merged = body.forward()
+    grad = torch.zeros_like(merged)
+    leaves = {}
+    for name, view, grad_view in zip(
+        body.names, body.split(merged).values(), body.split(grad).values(), strict=True
+    ):
+        leaf = view.requires_grad_()
+        leaf.grad = grad_view
+        leaves[name] = leaf
+    yield leaves
+    for leaf, grad_view in zip(leaves.values(), body.split(grad).values(), strict=True):
+        if leaf.grad is not grad_view:  # autograd replaced it instead of adding in place
+            grad_view.copy_(leaf.grad)
+    body.backward(grad)
 
 
 class MergedBody(nn.Module):
@@ -61,6 +101,18 @@ class MergedBody(nn.Module):
         """Accumulate dLoss/dW into w.grad from dLoss/dmerged [N] of the last `forward`."""
         self._merged.backward(grad)
         self._merged = None
+
+    lockstep = False  # one process: nothing to keep in step
+
+    def training_pass(self, module: nn.Module) -> AbstractContextManager[dict[str, torch.Tensor]]:
+        """Merged weights by name for the forwards of one step (of `module`, the task model's
+        skeleton); their gradient reaches W on exit."""
+        return full_body_pass(self)
+
+    @contextmanager
+    def inference_pass(self, module: nn.Module) -> Iterator[Mapping[str, torch.Tensor]]:
+        """Merged weights by name for forwards without a graph."""
+        yield self.merged_tensors()
 
     @property
     def tracked_bytes(self) -> int:

@@ -1,17 +1,16 @@
 """Learning W by gradient descent on the tasks' validation sets.
 
 One step, top to bottom:
-  1. merged = body.forward()                       fused weighted sum [N] (distributed: each
-                                                   rank's shard, then all-gathered)
-  2. leaves = views of merged, one per tensor      the merged body, shared by every task;
-                                                   their .grad are views of one flat buffer g
-  3. for each task, for each micro-batch:           one graph alive at a time (distributed:
-         loss = objective(logits(leaves, head_task, batch)) / (n_task * k); loss.backward()
-     -> g = dL/d(theta_m), summed over tasks        the batches are dealt over the ranks)
-  4. body.backward(g)                              fused gradient: dW = (1 - tanh^2) <g, tau>
-                                                   (distributed: g reduce-scattered to the
+  1. with body.training_pass(model) as leaves:    fused weighted sum [N] as one leaf per tensor,
+                                                   shared by every task (distributed: each
+                                                   rank's shard, then all-gathered; layer mode:
+                                                   nothing yet, each layer is gathered as it runs)
+  2.   for each task, for each micro-batch:         one graph alive at a time (distributed:
+           loss = objective(logits(leaves, head_task, batch)) / (n_task * k); loss.backward()
+       -> g = dL/d(theta_m), summed over tasks      the batches are dealt over the ranks)
+  3. on exit: fused gradient dW = (1 - tanh^2) <g, tau>  (distributed: g reduce-scattered to the
                                                    shard owners, dW all-reduced)
-  5. Adam step on W
+  4. Adam step on W
 Memory does not grow with the number of tasks: one merged body, one micro-batch graph.
 Every `checkpoint_every` steps the state (W, Adam, step, history) is saved atomically;
 `resume` continues from it and ends with the same W as an uninterrupted run (full-batch steps
@@ -118,42 +117,36 @@ class CoefficientTrainer:
         self.optimizer = torch.optim.Adam([body.w], lr=cfg.lr)
         self.device = body.w.device
 
-    def _my_batches(self, tasks: list[Task]) -> Iterator[tuple[int, Task, Tensors, torch.Tensor | None]]:
-        """(task index, task, inputs, labels) of the micro-batches this rank computes: the job's
-        (task, batch) pairs are dealt round-robin over the ranks, so the ranks together see every
-        batch once; only the rank that computes a batch moves it to its device."""
-        dealt = 0
-        for t, task in enumerate(tasks):
-            for inputs, labels in task.data.batches(self.cfg.batch_size):
-                if dealt % self.comm.size == self.comm.rank:
-                    inputs = {k: v.to(self.device) for k, v in inputs.items()}
-                    yield t, task, inputs, None if labels is None else labels.to(self.device)
-                dealt += 1
+    def _my_batches(
+        self, tasks: list[Task]
+    ) -> Iterator[tuple[int, Task, Tensors, torch.Tensor | None, bool]]:
+        """(task index, task, inputs, labels, counted) of the micro-batches this rank computes: the
+        job's (task, batch) pairs are dealt round-robin over the ranks, so the ranks together see
+        every batch once; only the rank that computes a batch moves it to its device. A lockstep
+        body (layer gathers: every forward is collective) needs every rank to run as many
+        forwards as the busiest one: the others repeat the job's first batch, not counted."""
+        jobs = [
+            (t, task, *batch)
+            for t, task in enumerate(tasks)
+            for batch in task.data.batches(self.cfg.batch_size)
+        ]
+        mine = [(*job, True) for job in jobs[self.comm.rank :: self.comm.size]]
+        if self.body.lockstep and jobs:
+            mine += [(*jobs[0], False)] * (-(-len(jobs) // self.comm.size) - len(mine))
+        for t, task, inputs, labels, counted in mine:
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            yield t, task, inputs, None if labels is None else labels.to(self.device), counted
 
     def losses_and_grad(self) -> dict[str, float]:
         """Mean loss per task at the current W; leaves dLoss/dW in body.w.grad."""
-        merged = self.body.forward()
-        grad = torch.zeros_like(merged)
-        # One leaf per tensor, sharing the merged storage, with its .grad a view of `grad`:
-        # autograd accumulates each tensor's gradient in place, so nothing of size N is
-        # allocated per tensor (a single leaf with views would expand every view's gradient to N).
-        body = {}
-        for name, view, grad_view in zip(
-            self.body.names, self.body.split(merged).values(), self.body.split(grad).values(), strict=True
-        ):
-            leaf = view.requires_grad_()
-            leaf.grad = grad_view
-            body[name] = leaf
-        params = {**self.fixed, **body}
         totals = torch.zeros(len(self.tasks), dtype=torch.float64)
-        for t, task, inputs, labels in self._my_batches(self.tasks):
-            loss = self.objective(self.model.logits(params, task.head, inputs), labels)
-            (loss * (1.0 / (len(task.data) * len(self.tasks)))).backward()
-            totals[t] += float(loss.detach())
-        for leaf, grad_view in zip(body.values(), self.body.split(grad).values(), strict=True):
-            if leaf.grad is not grad_view:  # autograd replaced it instead of adding in place
-                grad_view.copy_(leaf.grad)
-        self.body.backward(grad)
+        with self.body.training_pass(self.model.module) as body:
+            params = {**self.fixed, **body}
+            for t, task, inputs, labels, counted in self._my_batches(self.tasks):
+                loss = self.objective(self.model.logits(params, task.head, inputs), labels)
+                scale = 1.0 / (len(task.data) * len(self.tasks)) if counted else 0.0
+                (loss * scale).backward()
+                totals[t] += float(loss.detach()) if counted else 0.0
         self.comm.all_reduce(totals, "loss")
         return {task.name: float(totals[t]) / len(task.data) for t, task in enumerate(self.tasks)}
 
@@ -225,11 +218,13 @@ class CoefficientTrainer:
     @torch.no_grad()
     def accuracy(self) -> dict[str, float]:
         """Validation accuracy per task at the current W (tasks with labels only)."""
-        params = {**self.fixed, **self.body.merged_tensors()}
         labelled = [task for task in self.tasks if task.data.labels is not None]
         correct = torch.zeros(len(labelled), dtype=torch.float64)
-        for t, task, inputs, labels in self._my_batches(labelled):
-            correct[t] += int((self.model.logits(params, task.head, inputs).argmax(-1) == labels).sum())
+        with self.body.inference_pass(self.model.module) as body:
+            params = {**self.fixed, **body}
+            for t, task, inputs, labels, counted in self._my_batches(labelled):
+                hits = int((self.model.logits(params, task.head, inputs).argmax(-1) == labels).sum())
+                correct[t] += hits if counted else 0
         self.comm.all_reduce(correct, "accuracy")
         return {task.name: float(correct[t]) / len(task.data) for t, task in enumerate(labelled)}
 

@@ -11,6 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from supermerge.toy import build_toy_suite
+from tests.jobs import assert_clean_success, run_job, write_config
+
 if not torch.cuda.is_available():  # Triton runs on the CPU only in its interpreter, set before import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -94,3 +97,21 @@ def write_yaml(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """The toy suite (4 tasks) the multi-process tests merge."""
+    return build_toy_suite(tmp_path_factory.mktemp("toy"), n_tasks=4, seed=11)
+
+
+@pytest.fixture(scope="session")
+def reference(toy, tmp_path_factory) -> dict[str, Path]:
+    """One-process flat and hierarchical merges: what every launch must reproduce."""
+    folder = tmp_path_factory.mktemp("reference")
+    outputs = {}
+    for kind, method in (("flat", {}), ("tree", {"group_size": 2})):
+        config = write_config(folder, toy, kind, **method)
+        assert_clean_success(run_job("none", 1, config))
+        outputs[kind] = folder / kind
+    return outputs

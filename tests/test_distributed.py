@@ -4,11 +4,6 @@ launcher and accelerate launch (gloo on CPU) against one process, comm flat in k
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,19 +12,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from supermerge.cli import main
+from supermerge.config import load_config
 from supermerge.distributed.plan import ShardPlan
 from supermerge.errors import SupermergeError
-from supermerge.toy import FACTORY, build_toy_suite
-
-BIN = Path(sys.executable).parent
-LAUNCH = Path(__file__).resolve().parent.parent / "launch"
-RUN_TIMEOUT_S = 240
-TOL = 1e-5  # fp32 sums in another order
-# DeepSpeed compiles its CPU comm op on first use (about 45 s): once per machine, not per test
-EXTENSIONS = Path(
-    os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "supermerge" / "torch_extensions")
-)
-
+from tests.jobs import LAUNCH, assert_clean_success, assert_same_merge, run_job, write_config
 
 # ---------------------------------------------------------------- the plan (no processes)
 
@@ -82,105 +68,6 @@ def test_plan_refuses_task_groups_that_do_not_divide_the_ranks() -> None:
 # ---------------------------------------------------------------- real runs
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return build_toy_suite(tmp_path_factory.mktemp("toy"), n_tasks=4, seed=11)
-
-
-def write_config(folder: Path, toy, output: str, experts: dict | None = None, **method) -> Path:
-    experts = experts or toy.experts
-    distributed = method.pop("distributed", None)
-    doc = {
-        "base": str(toy.base),
-        "experts": [
-            {"name": t, "path": str(p), "data": str(toy.validation[sorted(toy.validation)[i % 4]])}
-            for i, (t, p) in enumerate(experts.items())
-        ],
-        "method": {"name": "supermerge", "steps": 6, "lr": 0.05, "validation_size": 64, "batch_size": 16}
-        | method,
-        "model": {"kind": "torch_module", "factory": FACTORY},
-        "heads": ["head.*"],
-        "output": output,
-    }
-    if distributed:
-        doc["distributed"] = distributed
-    path = folder / f"{output}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_command(launcher: str) -> list[str]:
-    """One process: the command itself; else the ready script under launch/ (NPROC, PORT env)."""
-    if launcher == "none":
-        return [str(BIN / "supermerge")]
-    return ["bash", str(LAUNCH / f"{launcher}.sh")]
-
-
-def run_job(
-    launcher: str, ranks: int, config: Path, *extra: str, env: dict | None = None
-) -> subprocess.CompletedProcess:
-    """Run `supermerge merge` under a launcher in its own session; kill the whole session on timeout
-    and check that no process of it is left."""
-    if launcher == "none":
-        cmd = [*launch_command(launcher), "-q", "merge", str(config), *extra]
-    else:
-        cmd = [*launch_command(launcher), str(config), *extra]
-    full_env = os.environ | {
-        "TORCH_EXTENSIONS_DIR": str(EXTENSIONS), "OMP_NUM_THREADS": "1", "NPROC": str(ranks),
-        "PORT": str(free_port()), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-    }  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, cwd=config.parent, env=full_env | (env or {}), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{launcher} job hung for {RUN_TIMEOUT_S} s:\n{err[-3000:]}")
-    leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    if leftover:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"{launcher} left processes behind: {leftover}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def assert_clean_success(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, result.stderr[-4000:]
-    for crash in ("Traceback", "terminate called", "Segmentation fault", "core dumped"):
-        assert crash not in result.stderr, result.stderr[-4000:]
-
-
-def assert_same_merge(a: Path, b: Path) -> None:
-    ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    assert ta.keys() == tb.keys()
-    for name in ta:
-        torch.testing.assert_close(ta[name], tb[name], atol=TOL, rtol=TOL, msg=name)
-    ca = json.loads((a / "coefficients.json").read_text())["effective"]
-    cb = json.loads((b / "coefficients.json").read_text())["effective"]
-    for task in ca:
-        torch.testing.assert_close(torch.tensor(ca[task]), torch.tensor(cb[task]), atol=TOL, rtol=TOL)
-
-
-@pytest.fixture(scope="module")
-def reference(toy, tmp_path_factory) -> dict[str, Path]:
-    """One-process flat and hierarchical merges: what every launch must reproduce."""
-    folder = tmp_path_factory.mktemp("reference")
-    outputs = {}
-    for kind, method in (("flat", {}), ("tree", {"group_size": 2})):
-        config = write_config(folder, toy, kind, **method)
-        assert_clean_success(run_job("none", 1, config))
-        outputs[kind] = folder / kind
-    return outputs
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("launcher", "ranks", "kind", "distributed"),
@@ -192,6 +79,10 @@ def reference(toy, tmp_path_factory) -> dict[str, Path]:
         ("deepspeed", 2, "flat", {}),
         ("deepspeed", 2, "tree", {}),
         ("accelerate", 2, "flat", {}),
+        ("torchrun", 2, "flat", {"gather": "layer"}),
+        ("torchrun", 4, "flat", {"task_groups": 2, "gather": "layer"}),
+        ("torchrun", 4, "tree", {"gather": "layer"}),
+        ("deepspeed", 2, "flat", {"gather": "layer"}),
     ],
 )
 def test_launch_gives_the_one_process_result(
@@ -218,24 +109,31 @@ def test_launch_gives_the_one_process_result(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("launcher", "ranks", "kind"), [("none", 1, "flat"), ("torchrun", 2, "flat"), ("deepspeed", 2, "tree")]
+    ("launcher", "ranks", "kind", "gather"),
+    [
+        ("none", 1, "flat", "body"),
+        ("torchrun", 2, "flat", "body"),
+        ("deepspeed", 2, "tree", "body"),
+        ("torchrun", 2, "flat", "layer"),
+    ],
 )
 def test_task_vectors_offloaded_through_deepspeed_zero3_give_the_same_merge(
-    launcher: str, ranks: int, kind: str, toy, reference, tmp_path: Path
+    launcher: str, ranks: int, kind: str, gather: str, toy, reference, tmp_path: Path
 ) -> None:
     method = {"group_size": 2} if kind == "tree" else {}
-    config = write_config(
-        tmp_path, toy, kind, **method, distributed={"offload": "cpu", "prefetch_elements": 100}
-    )
+    distributed = {"offload": "cpu", "prefetch_elements": 100, "gather": gather}
+    config = write_config(tmp_path, toy, kind, **method, distributed=distributed)
     result = run_job(launcher, ranks, config)
     assert_clean_success(result)
     assert_same_merge(reference[kind], tmp_path / kind)
     summary = json.loads((tmp_path / kind / "supermerge_merge.json").read_text())["summary"]
-    # the k task vectors sit in DeepSpeed's CPU partitions: the rank holds its base piece, the
-    # gathered body and its gradient (fp32 staging included), nothing that grows with k
+    # the k task vectors sit in DeepSpeed's CPU partitions: the rank holds its base piece, and
+    # body mode the gathered body and its gradient (fp32 staging included); layer mode its merged
+    # piece, its fp32 gradient and one toy branch (144 elements) with its gradient at a time
     n = 576
     piece = -(-n // ranks)
-    assert summary["peak_tensor_bytes"] == piece * 4 + ranks * piece * (4 + 4 + 4)
+    held = ranks * piece * (4 + 4 + 4) if gather == "body" else piece * (4 + 4) + 144 * (4 + 4)
+    assert summary["peak_tensor_bytes"] == piece * 4 + held
 
 
 def perturbed_experts(toy, folder: Path, k: int) -> dict[str, Path]:
@@ -253,15 +151,22 @@ def perturbed_experts(toy, folder: Path, k: int) -> dict[str, Path]:
 
 
 @pytest.mark.slow
-def test_communication_per_step_does_not_grow_with_k(toy, tmp_path: Path) -> None:
+@pytest.mark.parametrize("gather", ["body", "layer"])
+def test_communication_per_step_does_not_grow_with_k(gather: str, toy, tmp_path: Path) -> None:
+    """Body mode: the tensor traffic per step is the same for every k. Layer mode gathers the body
+    once per micro-batch pass, and k tasks bring k validation sets (4 micro-batches each here, 2k
+    passes per rank): its traffic per pass is the same for every k."""
     measured = {}
     for k in (2, 4, 8):
         experts = perturbed_experts(toy, tmp_path / f"experts{k}", k)
-        config = write_config(tmp_path, toy, f"k{k}", experts, steps=2)
+        config = write_config(tmp_path, toy, f"k{k}", experts, steps=2, distributed={"gather": gather})
         assert_clean_success(run_job("torchrun", 2, config))
         summary = json.loads((tmp_path / f"k{k}" / "supermerge_merge.json").read_text())["summary"]
         measured[k] = summary["comm_bytes_per_step"]
-    tensor_traffic = {k: {t: b for t, b in m.items() if t not in ("dW", "loss")} for k, m in measured.items()}
+    passes = {k: 2 * k if gather == "layer" else 1 for k in measured}
+    tensor_traffic = {
+        k: {t: b / passes[k] for t, b in m.items() if t not in ("dW", "loss")} for k, m in measured.items()
+    }
     assert tensor_traffic[2] == tensor_traffic[4] == tensor_traffic[8], measured
     assert tensor_traffic[2]["merged"] > 0 and tensor_traffic[2]["grad"] > 0
     # dW is the k x G floats of W, the one term that grows with k (a 2-rank all_reduce sends it once)
@@ -270,13 +175,14 @@ def test_communication_per_step_does_not_grow_with_k(toy, tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("resume_ranks", [1, 2])
+@pytest.mark.parametrize(("resume_ranks", "gather"), [(1, "body"), (2, "body"), (2, "layer")])
 def test_killed_rank_stops_the_job_with_its_name_and_resume_finishes_it(
-    resume_ranks: int, toy, tmp_path: Path
+    resume_ranks: int, gather: str, toy, tmp_path: Path
 ) -> None:
-    uninterrupted = write_config(tmp_path, toy, "whole", steps=10, checkpoint_every=2)
+    settings = {"steps": 10, "checkpoint_every": 2, "distributed": {"gather": gather}}
+    uninterrupted = write_config(tmp_path, toy, "whole", **settings)
     assert_clean_success(run_job("torchrun", 2, uninterrupted))
-    config = write_config(tmp_path, toy, "killed", steps=10, checkpoint_every=2)
+    config = write_config(tmp_path, toy, "killed", **settings)
     failed = run_job("torchrun", 2, config, env={"SUPERMERGE_TEST_KILL": "1:6"})
     assert failed.returncode != 0
     assert "rank 0: rank 1 stopped answering" in failed.stderr, failed.stderr[-3000:]
@@ -301,3 +207,44 @@ def test_plan_command_prints_each_rank_with_tensors_tasks_bytes_and_traffic(
     assert "within the 1.00 MiB per rank" in out
     assert "communication per step and rank: merged" in out
     assert not (tmp_path / "planned").exists()
+
+
+def test_plan_of_layer_gathers_holds_a_piece_and_one_layer_instead_of_the_body(
+    toy, tmp_path: Path, capsys
+) -> None:
+    config = write_config(tmp_path, toy, "planned", distributed={"gather": "layer"})
+    assert main(["plan", str(config), "--ranks", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "merged body" not in out and "merged piece 1.12 KiB" in out  # 288 of the 576 fp32 elements
+    assert "largest layer gathered, with its gradient 1.69 KiB" in out  # a 144-element branch x 12 B
+    assert "per micro-batch pass and rank" in out and "largest gather unit 144 elements" in out
+
+
+def test_plan_of_an_offloaded_store_counts_the_two_staged_layer_groups() -> None:
+    numels = [1000, 10, 3000, 10, 500]
+    for offload in ("cpu", "nvme"):
+        plan = ShardPlan(
+            [f"t{i}" for i in range(5)],
+            numels,
+            ["a", "b", "c"],
+            1,
+            1,
+            2,
+            4,
+            5,
+            offload,
+            prefetch_elements=1005,
+        )
+        memory = plan.memory(0)
+        assert memory["task vectors"] == 0 and memory[f"task vectors ({offload}, offloaded)"] == 3 * 4520 * 2
+        # groups of whole tensors of at least 1005 elements: [1000, 10], [3000], [10, 500]
+        assert memory["staged layer groups (2)"] == 2 * 3 * 3000 * 2
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (LAUNCH / "configs").glob("*.yaml")))
+def test_launch_configs_are_valid_distributed_blocks(name: str, toy, tmp_path: Path) -> None:
+    block = yaml.safe_load((LAUNCH / "configs" / name).read_text())["distributed"]
+    if "nvme_path" in block:  # a folder of the user's drive
+        block["nvme_path"] = str(tmp_path)
+    spec = load_config(write_config(tmp_path, toy, "out", distributed=block)).distributed
+    assert spec.offload == block.get("offload", "none") and spec.gather == block.get("gather", "body")

@@ -9,15 +9,19 @@ The data flow is in `supermerge.distributed.plan`'s docstring.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from supermerge.coefficients import CoefficientLayout
 from supermerge.distributed.comm import Comm
+from supermerge.distributed.layer_gather import GatheredTensors, LayerGather, Owners, find_units
 from supermerge.distributed.shard_store import ShardStore
 from supermerge.distributed.zero_store import ZeroShardStore
 from supermerge.kernels import grouped_weighted_sum
+from supermerge.merged_body import full_body_pass
 
 
 class ShardedBody(nn.Module):
@@ -31,6 +35,8 @@ class ShardedBody(nn.Module):
         shard_comm: the Q ranks holding the same layer shard (this rank's task group among them).
         init: initial coefficient tanh(w).
         impl: kernel implementation.
+        gather: "body" (the whole merged body all-gathered once per step) or "layer" (each
+            module's merged tensors gathered just before it runs: supermerge.distributed.layer_gather).
     """
 
     def __init__(
@@ -41,9 +47,13 @@ class ShardedBody(nn.Module):
         shard_comm: Comm,
         init: float = 0.3,
         impl: str = "auto",
+        gather: str = "body",
     ) -> None:
         super().__init__()
         self.store, self.layout, self.comm, self.shard_comm, self.impl = store, layout, comm, shard_comm, impl
+        self.gather = gather
+        self.gathered_peak_bytes = 0
+        self._units: dict[int, list] = {}
         device = store.base_piece.device
         k = len(store.plan.tasks)
         self.w = nn.Parameter(torch.full((k, layout.groups), math.atanh(init), device=device))
@@ -78,8 +88,9 @@ class ShardedBody(nn.Module):
                 partial[chunk.lo : chunk.hi] = self._partial_sum(chunk.tau, chunk.offsets, chunk.segments)
         return partial
 
-    def forward(self) -> torch.Tensor:
-        """[N] full merged body (detached), gathered from every rank's piece."""
+    def _merged_piece(self) -> torch.Tensor:
+        """[S] this rank's piece of the merged body (the body's dtype): the local partial sum over
+        the layer shard, reduce-scattered over the shard's Q ranks, plus the base piece."""
         plan, store = self.store.plan, self.store
         partial = self._local_partial()
         self._partial = partial if partial.requires_grad else None
@@ -87,20 +98,12 @@ class ShardedBody(nn.Module):
         shard[: partial.numel()] = partial.detach()
         piece = torch.empty(plan.piece, dtype=torch.float32, device=partial.device)
         self.shard_comm.reduce_scatter(piece, shard, "partial")
-        piece = piece.add_(store.base_piece).to(store.base_dtype)
-        full = torch.empty(plan.ranks * plan.piece, dtype=store.base_dtype, device=piece.device)
-        self.comm.all_gather(full, piece, "merged")
-        return full[: plan.n]
+        return piece.add_(store.base_piece).to(store.base_dtype)
 
-    def backward(self, grad: torch.Tensor) -> None:
-        """Turn this rank's dLoss/dmerged [N] into the job's dLoss/dW in `w.grad` (all ranks alike)."""
-        plan = self.store.plan
-        padded = torch.zeros(plan.ranks * plan.piece, dtype=torch.float32, device=grad.device)
-        padded[: plan.n] = grad
-        piece = torch.empty(plan.piece, dtype=torch.float32, device=grad.device)
-        self.comm.reduce_scatter(piece, padded, "grad")
-        shard = torch.empty(plan.shard_size, dtype=torch.float32, device=grad.device)
-        self.shard_comm.all_gather(shard, piece, "grad shard")
+    def _grad_to_w(self, grad_piece: torch.Tensor) -> None:
+        """dLoss/dW of the job in `w.grad` (all ranks alike) from this rank's fp32 gradient piece [S]."""
+        shard = torch.empty(self.store.plan.shard_size, dtype=torch.float32, device=grad_piece.device)
+        self.shard_comm.all_gather(shard, grad_piece, "grad shard")
         if self._partial is not None:
             self._partial.backward(shard[: self._partial.numel()])
             self._partial = None
@@ -113,10 +116,74 @@ class ShardedBody(nn.Module):
             self.w.grad = torch.zeros_like(self.w)
         self.comm.all_reduce(self.w.grad, "dW")
 
+    def forward(self) -> torch.Tensor:
+        """[N] full merged body (detached), gathered from every rank's piece."""
+        plan = self.store.plan
+        piece = self._merged_piece()
+        full = torch.empty(plan.ranks * plan.piece, dtype=piece.dtype, device=piece.device)
+        self.comm.all_gather(full, piece, "merged")
+        return full[: plan.n]
+
+    def backward(self, grad: torch.Tensor) -> None:
+        """Turn this rank's dLoss/dmerged [N] into the job's dLoss/dW in `w.grad` (all ranks alike)."""
+        plan = self.store.plan
+        padded = torch.zeros(plan.ranks * plan.piece, dtype=torch.float32, device=grad.device)
+        padded[: plan.n] = grad
+        piece = torch.empty(plan.piece, dtype=torch.float32, device=grad.device)
+        self.comm.reduce_scatter(piece, padded, "grad")
+        self._grad_to_w(piece)
+
+    @property
+    def lockstep(self) -> bool:
+        """True when every rank must run the same forwards in the same order (layer gathers)."""
+        return self.gather == "layer"
+
+    def _owners(self, piece: torch.Tensor) -> Owners:
+        grad_piece = torch.zeros(self.store.plan.piece, dtype=torch.float32, device=piece.device)
+        return Owners(self.comm, self.store.plan.piece, piece, grad_piece)
+
+    def _layer_gather(self, module: nn.Module, owners: Owners) -> LayerGather:
+        if id(module) not in self._units:
+            self._units[id(module)] = find_units(module, self.names, self.store.shapes)
+        gather = LayerGather(self._units[id(module)], owners, self.store.base_dtype)
+        return gather
+
+    @contextmanager
+    def training_pass(self, module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+        """Merged weights by name for the forwards of one step (layer mode: none, the hooks put
+        each unit in place as it runs); their gradient reaches W on exit (collective)."""
+        if self.gather == "body":
+            with full_body_pass(self) as leaves:
+                yield leaves
+            return
+        owners = self._owners(self._merged_piece())
+        gather = self._layer_gather(module, owners)
+        with gather.installed():
+            yield {}
+        self.gathered_peak_bytes = max(self.gathered_peak_bytes, gather.peak_bytes)
+        self._grad_to_w(owners.grad_piece)
+
+    @contextmanager
+    def inference_pass(self, module: nn.Module) -> Iterator[Mapping[str, torch.Tensor]]:
+        """Merged weights by name for forwards without a graph (collective)."""
+        with torch.no_grad():
+            if self.gather == "body":
+                yield self.merged_tensors()
+                return
+            gather = self._layer_gather(module, self._owners(self._merged_piece()))
+            with gather.installed():
+                yield {}
+            self.gathered_peak_bytes = max(self.gathered_peak_bytes, gather.peak_bytes)
+
     @torch.no_grad()
-    def merged_tensors(self) -> dict[str, torch.Tensor]:
-        """The full merged weights by tensor name, without a graph (collective: every rank calls it)."""
-        return self.split(self.forward())
+    def merged_tensors(self) -> Mapping[str, torch.Tensor]:
+        """The full merged weights by tensor name, without a graph (collective: every rank calls it;
+        layer mode: each tensor is gathered when asked for, and every rank must ask for the same
+        names in the same order)."""
+        if self.gather == "body":
+            return self.split(self.forward())
+        owners = self._owners(self._merged_piece())
+        return GatheredTensors(self.names, self.store.shapes, owners, self.store.base_dtype)
 
     def coefficients(self) -> torch.Tensor:
         """tanh(W), [k, G], detached fp32 on the CPU."""
@@ -124,7 +191,11 @@ class ShardedBody(nn.Module):
 
     @property
     def tracked_bytes(self) -> int:
-        """Bytes of the shard, the gathered body and its gradient (with its fp32 staging)."""
+        """Bytes of the shard and of the merged weights and gradients held for a step: body mode,
+        the gathered body and its gradient (with its fp32 staging); layer mode, the merged piece,
+        its fp32 gradient and the most the gathered units took at once (measured)."""
         plan = self.store.plan
-        itemsize = torch.empty((), dtype=self.store.base_dtype).element_size()
-        return self.store.nbytes + plan.ranks * plan.piece * (2 * itemsize + 4)
+        itemsize = self.store.base_dtype.itemsize
+        if self.gather == "body":
+            return self.store.nbytes + plan.ranks * plan.piece * (2 * itemsize + 4)
+        return self.store.nbytes + plan.piece * (itemsize + 4) + self.gathered_peak_bytes

@@ -31,10 +31,24 @@ from supermerge.errors import SupermergeError
 from supermerge.memory import human_bytes
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from supermerge.config import DistributedSpec, MergeConfig
     from supermerge.taskvectors import TaskVectorSource
 
 OFFLOAD_TARGETS = ("none", "cpu", "nvme")
+
+
+def layer_groups(offsets: torch.Tensor, elements: int) -> list[slice]:
+    """Consecutive runs of whole segments (given by their offsets [T + 1]) of at least `elements`
+    elements each (the last may be smaller): the layer groups an offloaded shard streams."""
+    bounds = offsets.tolist()
+    groups, first = [], 0
+    for s in range(len(bounds) - 1):
+        if bounds[s + 1] - bounds[first] >= elements or s == len(bounds) - 2:
+            groups.append(slice(first, s + 1))
+            first = s + 1
+    return groups
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,11 @@ class ShardPlan:
         columns: G, the columns of W.
         offload: where task-vector shards live: "none" (the compute device), "cpu" or "nvme".
         memory_per_rank: the bytes a rank may use (0: unchecked).
+        gather: "body" (the merged body all-gathered once per step) or "layer" (each gather unit
+            of the model gathered just before use: supermerge.distributed.layer_gather).
+        largest_unit: elements of the model's largest gather unit (layer mode).
+        prefetch_elements: offloaded stores stream their shard in layer groups of whole tensor
+            parts of at least this many elements (`layer_groups`), two groups staged at a time.
     """
 
     names: list[str]
@@ -80,6 +99,9 @@ class ShardPlan:
     columns: int
     offload: str = "none"
     memory_per_rank: int = 0
+    gather: str = "body"
+    largest_unit: int = 0
+    prefetch_elements: int = 2**22
 
     def __post_init__(self) -> None:
         if self.ranks < 1:
@@ -107,12 +129,20 @@ class ShardPlan:
         storage_dtype: torch.dtype,
         columns: int,
         spec: DistributedSpec,
+        module: nn.Module,
     ) -> ShardPlan:
-        """The plan of `source`'s merged tensors (headers only) for `tasks` over `ranks` ranks."""
-        infos = source.base.infos
+        """The plan of `source`'s merged tensors (headers only) for `tasks` over `ranks` ranks;
+        `module` (the task model's skeleton) gives the gather units of layer mode."""
+        from supermerge.distributed.layer_gather import find_units
+
+        names, infos = list(source.names), source.base.infos
+        largest = 0
+        if spec.gather == "layer":
+            largest = max(u.numel for u in find_units(module, names, [infos[n].shape for n in names]))
         return cls(
-            list(source.names), [infos[n].numel for n in source.names], tasks, ranks, task_groups,
-            storage_dtype.itemsize, source.merged_dtype.itemsize, columns, spec.offload, spec.memory_per_rank,
+            names, [infos[n].numel for n in names], tasks, ranks, task_groups, storage_dtype.itemsize,
+            source.merged_dtype.itemsize, columns, spec.offload, spec.memory_per_rank, spec.gather, largest,
+            spec.prefetch_elements,
         )  # fmt: skip
 
     @property
@@ -166,25 +196,47 @@ class ShardPlan:
         p, q = self.coords(rank)
         lo, hi = self.shard_range(p)
         tau = len(self.task_rows(q)) * (hi - lo) * self.storage_itemsize
+        b = self.base_itemsize
         resident = {
             "task vectors": tau if self.offload == "none" else 0,
-            "base piece": self.piece * self.base_itemsize,
+            "base piece": self.piece * b,
             "partial sums (fp32)": 2 * (hi - lo) * 4,
-            "merged body": self.ranks * self.piece * self.base_itemsize,
-            "gradient": self.ranks * self.piece * (self.base_itemsize + 4) + self.piece * 4,
-            "W and Adam": 3 * len(self.tasks) * self.columns * 4,
         }
+        if self.gather == "body":
+            resident["merged body"] = self.ranks * self.piece * b
+            resident["gradient"] = self.ranks * self.piece * (b + 4) + self.piece * 4
+        else:
+            resident["merged piece"] = self.piece * b
+            resident["gradient piece and shard (fp32)"] = (self.piece + self.shard_size) * 4
+            resident["largest layer gathered, with its gradient"] = self.largest_unit * (2 * b + 4)
+        resident["W and Adam"] = 3 * len(self.tasks) * self.columns * 4
         if self.offload != "none":
+            segments = self.segments(p)
+            offsets = torch.tensor([0, *[s.hi - s.lo for s in segments]]).cumsum(0)
+            bounds = offsets.tolist()
+            largest = max(
+                (bounds[g.stop] - bounds[g.start] for g in layer_groups(offsets, self.prefetch_elements)),
+                default=0,
+            )
+            staged = 2 * len(self.task_rows(q)) * largest * self.storage_itemsize
+            resident["staged layer groups (2)"] = staged
             resident[f"task vectors ({self.offload}, offloaded)"] = tau
         return resident
 
-    def comm_per_step(self) -> dict[str, int]:
-        """Bytes each rank sends per training step, by tag (ring algorithms; see CommStats)."""
+    def comm_per_step(self, passes: int = 1) -> dict[str, int]:
+        """Bytes each rank sends per training step, by tag (ring algorithms; see CommStats).
+
+        Layer mode gathers and reduces the body once per forward/backward pass: `passes` is the
+        number of micro-batches a rank runs per step, and the "merged" figure is the most it can
+        be (units whose ops save no weights are not gathered again in backward).
+        """
         r, q = self.ranks, self.task_groups
         shard = self.shard_size * 4
+        body = (r - 1) / r * self.n if self.gather == "layer" else (r - 1) * self.piece
+        gathers = 2 * passes if self.gather == "layer" else 1
         result = {
-            "merged": int((r - 1) * self.piece * self.base_itemsize),
-            "grad": int((r - 1) * self.piece * 4),
+            "merged": int(gathers * body * self.base_itemsize),
+            "grad": int((passes if self.gather == "layer" else 1) * body * 4),
             "dW": int(2 * (r - 1) / r * len(self.tasks) * self.columns * 4),
         }
         if q > 1:
@@ -229,8 +281,14 @@ class ShardPlan:
                 )
             )
         comm = self.comm_per_step()
+        per = "per step and rank"
+        if self.gather == "layer":
+            per = (
+                "per micro-batch pass and rank (layer gathers; a step is ceil(micro-batches / ranks) "
+                f"passes; largest gather unit {self.largest_unit:,} elements)"
+            )
         lines.append(
-            "communication per step and rank: "
+            f"communication {per}: "
             + (", ".join(f"{k} {human_bytes(v)}" for k, v in comm.items()) if comm else "none (one rank)")
             + " (tensor traffic O(N), independent of k; only dW grows with k)"
         )
@@ -247,6 +305,7 @@ def describe_job(cfg: MergeConfig, ranks: int) -> str:
     from supermerge.merge import open_sources
     from supermerge.methods.base import parse_params
     from supermerge.methods.learned import LEARNED, STORAGE_DTYPES
+    from supermerge.task_models import build_task_model
 
     params = parse_params(LEARNED[cfg.method], cfg.method_params, "method")
     source = open_sources(cfg)
@@ -258,13 +317,13 @@ def describe_job(cfg: MergeConfig, ranks: int) -> str:
     if g and k > g:
         first = math.ceil(k / g)
         grouping = "given in method.groups" if params.groups else "by task-vector similarity at run time"
-        if spec.offload == "none":
+        if spec.offload != "cpu":
             schedule = (
                 f"they train {min(first, ranks)} at a time on disjoint groups of about "
                 f"{max(1, ranks // first)} rank(s) ({math.ceil(first / ranks)} wave(s))"
             )
         else:  # ZeRO partitions an offloaded store over the whole job
-            schedule = "they train one after another on all ranks (offloaded store)"
+            schedule = "they train one after another on all ranks (ZeRO-offloaded store)"
         lines.append(
             f"hierarchical, g = {g}: level 0 has {first} node(s) of at most {g} tasks ({grouping}); "
             f"{schedule}; each node holds at most g task vectors over its ranks. "
@@ -277,6 +336,6 @@ def describe_job(cfg: MergeConfig, ranks: int) -> str:
         tasks = [e.name for e in source.experts]
     plan = ShardPlan.for_source(
         source, tasks, ranks, spec.task_groups if ranks > 1 else 1, STORAGE_DTYPES[params.storage_dtype],
-        layout.groups, spec,
+        layout.groups, spec, build_task_model(cfg.model, source.base).module,
     )  # fmt: skip
     return "\n".join([*lines, plan.describe()])

@@ -12,6 +12,7 @@ expert at a time), so a rank reads about 1/P of every file and holds k N / R tas
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,56 @@ from tqdm import tqdm
 from supermerge.distributed.plan import ShardPlan
 from supermerge.store import split_flat
 from supermerge.taskvectors import TaskVectorSource
+
+
+def read_shard(
+    source: TaskVectorSource,
+    plan: ShardPlan,
+    rank: int,
+    rows: list[int],
+    put: Callable[[int, int, torch.Tensor], None],
+    device: torch.device,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Read `rank`'s layer shard of the `rows` task vectors, one tensor part at a time.
+
+    Calls put(a, b, tau) for each part, in order: tau [len(rows), b - a] (storage dtype, CPU)
+    holds the part's task vectors, [a, b) its place in the layer shard. Returns the rank's base
+    piece [S] (fp32 on `device`, zero beyond N).
+    """
+    p, _ = plan.coords(rank)
+    piece_lo = rank * plan.piece - plan.shard_range(p)[0]  # this rank's piece, within the shard
+    base_piece = torch.zeros(plan.piece, dtype=torch.float32, device=device)
+    for seg in tqdm(plan.segments(p), desc=f"rank {rank} shard", unit="tensor", disable=not progress):
+        name = source.names[seg.tensor]
+        base = source.read_base(name, (seg.lo, seg.hi))
+        a, b = seg.start, seg.start + seg.hi - seg.lo
+        tau = torch.empty(len(rows), b - a, dtype=source.storage_dtype)
+        for j, i in enumerate(rows):
+            tau[j] = source.task_vector(name, base, i, (seg.lo, seg.hi))
+        put(a, b, tau)
+        lo, hi = max(a, piece_lo), min(b, piece_lo + plan.piece)
+        if lo < hi:
+            base_piece[lo - piece_lo : hi - piece_lo] = base[lo - a : hi - a].to(device)
+    return base_piece
+
+
+@dataclass
+class Chunk:
+    """One layer group of a streamed (offloaded) shard, staged on the compute device.
+
+    Attributes:
+        lo, hi: element range within the layer shard.
+        tau: [k_q, hi - lo] task vectors on the compute device.
+        offsets: [T_c + 1] int64 segment offsets within the chunk (CPU).
+        segments: slice of the shard's segments this chunk covers.
+    """
+
+    lo: int
+    hi: int
+    tau: torch.Tensor
+    offsets: torch.Tensor
+    segments: slice
 
 
 @dataclass
@@ -98,19 +149,13 @@ class ShardStore(ShardLayout):
         """Read this rank's share of base and task vectors from `source`'s checkpoints."""
         p, q = plan.coords(rank)
         shard_lo, shard_hi = plan.shard_range(p)
-        piece_lo = rank * plan.piece - shard_lo  # this rank's piece, within the shard
         rows = plan.task_rows(q)
         tau_local = torch.empty(len(rows), shard_hi - shard_lo, dtype=storage_dtype, device=device)
-        base_piece = torch.zeros(plan.piece, dtype=torch.float32, device=device)
-        for seg in tqdm(plan.segments(p), desc=f"rank {rank} shard", unit="tensor", disable=not progress):
-            name = source.names[seg.tensor]
-            base = source.read_base(name, (seg.lo, seg.hi)).to(device)
-            a, b = seg.start, seg.start + seg.hi - seg.lo
-            for j, i in enumerate(rows):
-                tau_local[j, a:b] = source.task_vector(name, base, i, (seg.lo, seg.hi))
-            lo, hi = max(a, piece_lo), min(b, piece_lo + plan.piece)
-            if lo < hi:
-                base_piece[lo - piece_lo : hi - piece_lo] = base[lo - a : hi - a]
+
+        def put(a: int, b: int, tau: torch.Tensor) -> None:
+            tau_local[:, a:b] = tau
+
+        base_piece = read_shard(source, plan, rank, rows, put, device, progress)
         return cls(**cls.fields(source, plan, rank, rows, base_piece), tau_local=tau_local)
 
     @property

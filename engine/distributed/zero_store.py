@@ -26,30 +26,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
-from supermerge.distributed.plan import ShardPlan
-from supermerge.distributed.shard_store import ShardLayout
+from supermerge.distributed.comm import prefer_this_environments_tools
+from supermerge.distributed.plan import ShardPlan, layer_groups
+from supermerge.distributed.shard_store import Chunk, ShardLayout, read_shard
 from supermerge.errors import SupermergeError
 from supermerge.taskvectors import TaskVectorSource
-
-
-@dataclass
-class Chunk:
-    """One layer group of the shard, staged on the compute device.
-
-    Attributes:
-        lo, hi: element range within the layer shard.
-        tau: [k, hi - lo] task vectors on the compute device.
-        offsets: [T_c + 1] int64 segment offsets within the chunk (CPU).
-        segments: slice of the shard's segments this chunk covers.
-    """
-
-    lo: int
-    hi: int
-    tau: torch.Tensor
-    offsets: torch.Tensor
-    segments: slice
 
 
 def zero_config(offload: str) -> dict:
@@ -61,6 +43,10 @@ def zero_config(offload: str) -> dict:
         "zero_optimization": {
             "stage": 3,
             "param_persistence_threshold": 0,
+            # else zero.Init replaces torch.nn.functional.linear for the rest of the process (this
+            # key overrides Init's own mem_efficient_linear argument) with a version that saves
+            # every weight for backward
+            "memory_efficient_linear": False,
             "offload_param": {"device": "cpu", "pin_memory": True},
         },
     }
@@ -106,6 +92,7 @@ class ZeroShardStore(ShardLayout):
         """Partition k flat task vectors with ZeRO-3 offload and fill this rank's partitions."""
         import deepspeed
 
+        prefer_this_environments_tools()  # DeepSpeed builds its CPU comm op on first use
         if plan.task_groups != 1:
             raise SupermergeError("distributed.offload: needs task_groups 1 (ZeRO partitions over all ranks)")
         if not torch.distributed.is_initialized():  # one process, no launcher: a group of one
@@ -113,11 +100,14 @@ class ZeroShardStore(ShardLayout):
                                ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):  # fmt: skip
                 os.environ.setdefault(var, value)
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        linear = torch.nn.functional.linear
         with deepspeed.zero.Init(
             config_dict_or_path=zero_config(plan.offload), remote_device="cpu", pin_memory=True,
             mem_efficient_linear=False,
         ):  # fmt: skip
             holder = _Holder(plan.n, source.k, storage_dtype)
+        if torch.nn.functional.linear is not linear:
+            raise SupermergeError("DeepSpeed's zero.Init replaced torch.nn.functional.linear; it must not")
         params = list(holder.tau)
         if any(p.partition_numel() != plan.piece for p in params):
             raise SupermergeError(
@@ -126,16 +116,14 @@ class ZeroShardStore(ShardLayout):
             )
         for p in params:
             p.ds_tensor.zero_()  # the tail of the last partition is uninitialised memory
-        base_piece = torch.zeros(plan.piece, dtype=torch.float32, device=device)
-        segments = plan.segments(rank)
-        for seg in tqdm(segments, desc=f"rank {rank} shard (ZeRO)", unit="tensor", disable=not progress):
-            name = source.names[seg.tensor]
-            base = source.read_base(name, (seg.lo, seg.hi))
-            a, b = seg.start, seg.start + seg.hi - seg.lo
-            base_piece[a:b] = base.to(device)
+
+        def put(a: int, b: int, tau: torch.Tensor) -> None:
             for i, p in enumerate(params):
-                p.ds_tensor[a:b] = source.task_vector(name, base, i, (seg.lo, seg.hi))
-        layout = cls.fields(source, plan, rank, list(range(source.k)), base_piece)
+                p.ds_tensor[a:b] = tau[i]
+
+        rows = list(range(source.k))
+        base_piece = read_shard(source, plan, rank, rows, put, device, progress)
+        layout = cls.fields(source, plan, rank, rows, base_piece)
         return cls(**layout, params=params, device=device, chunk_elements=chunk_elements, holder=holder)
 
     @property
@@ -152,15 +140,6 @@ class ZeroShardStore(ShardLayout):
     def offloaded_bytes(self) -> int:
         return sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in self.params)
 
-    def _groups(self) -> list[slice]:
-        bounds = self.offsets.tolist()
-        groups, first = [], 0
-        for s in range(len(bounds) - 1):
-            if bounds[s + 1] - bounds[first] >= self.chunk_elements or s == len(bounds) - 2:
-                groups.append(slice(first, s + 1))
-                first = s + 1
-        return groups
-
     def _stage(self, segs: slice, stream: torch.cuda.Stream | None) -> Chunk:
         lo, hi = int(self.offsets[segs.start]), int(self.offsets[segs.stop])
         tau = torch.empty(len(self.params), hi - lo, dtype=self.params[0].ds_tensor.dtype, device=self.device)
@@ -172,7 +151,7 @@ class ZeroShardStore(ShardLayout):
     def chunks(self) -> Iterator[Chunk]:
         """The shard's layer groups on the device, the next one copied while the current is used."""
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        groups = self._groups()
+        groups = layer_groups(self.offsets, self.chunk_elements)
         ahead = self._stage(groups[0], stream) if groups else None
         for g in range(len(groups)):
             if stream is not None:

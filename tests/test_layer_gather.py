@@ -178,3 +178,14 @@ def test_layer_gathers_hold_one_unit_at_a_time_and_send_order_n_bytes(two_ranks)
         slack = 100  # bytes rounded down per collective
         assert body < sent["merged"] <= 2 * body + slack
         assert body / 2 < sent["grad"] <= body + slack
+
+
+def test_a_forward_that_raises_gives_the_skeleton_its_tensors_back() -> None:
+    module = bert(meta=True)
+    names, shapes, flat = body_of(module)
+    owners = Owners(Comm(None, [0], 0), flat.numel(), flat, torch.zeros(flat.numel()))
+    gather = LayerGather(find_units(module, names, shapes), owners, torch.float32)
+    inputs = batch(0) | {"input_ids": torch.full((3, 9), 10_000)}  # beyond the 300-word vocabulary
+    with pytest.raises(IndexError), gather.installed():
+        functional_call(module, {}, args=(), kwargs=inputs)
+    assert all(p.device.type == "meta" for p in module.parameters())

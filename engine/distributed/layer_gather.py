@@ -270,8 +270,10 @@ class LayerGather:
         """Hooks on every unit's module, and the saved-tensor hooks, for the duration."""
         anchor = torch.zeros((), device=self.owners.piece.device, requires_grad=True)
         handles = []
+        stacks: list[list[torch.Tensor]] = []  # per unit: the skeleton's tensors its calls replaced
         for u, unit in enumerate(self.units):
             saved: list[torch.Tensor] = []
+            stacks.append(saved)
 
             def before(module: nn.Module, args: tuple, u: int = u, saved: list = saved) -> None:
                 unit = self.units[u]
@@ -300,6 +302,10 @@ class LayerGather:
         finally:
             for handle in handles:
                 handle.remove()
+            for unit, saved in zip(self.units, stacks, strict=True):  # a forward that raised
+                for (m, kind, attr), original in zip(unit.slots, saved[: len(unit.slots)], strict=False):
+                    getattr(m, kind)[attr] = original
+                saved.clear()
 
 
 class GatheredTensors(Mapping):

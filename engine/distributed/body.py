@@ -142,11 +142,16 @@ class ShardedBody(nn.Module):
         grad_piece = torch.zeros(self.store.plan.piece, dtype=torch.float32, device=piece.device)
         return Owners(self.comm, self.store.plan.piece, piece, grad_piece)
 
-    def _layer_gather(self, module: nn.Module, owners: Owners) -> LayerGather:
+    @contextmanager
+    def _gathered(self, module: nn.Module, owners: Owners) -> Iterator[dict[str, torch.Tensor]]:
+        """Layer mode: `module`'s forwards gather each unit from `owners` as it runs (no tensors
+        to pass in: the hooks put them in place)."""
         if id(module) not in self._units:
             self._units[id(module)] = find_units(module, self.names, self.store.shapes)
         gather = LayerGather(self._units[id(module)], owners, self.store.base_dtype)
-        return gather
+        with gather.installed():
+            yield {}
+        self.gathered_peak_bytes = max(self.gathered_peak_bytes, gather.peak_bytes)
 
     @contextmanager
     def training_pass(self, module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
@@ -157,10 +162,8 @@ class ShardedBody(nn.Module):
                 yield leaves
             return
         owners = self._owners(self._merged_piece())
-        gather = self._layer_gather(module, owners)
-        with gather.installed():
-            yield {}
-        self.gathered_peak_bytes = max(self.gathered_peak_bytes, gather.peak_bytes)
+        with self._gathered(module, owners) as params:
+            yield params
         self._grad_to_w(owners.grad_piece)
 
     @contextmanager
@@ -170,10 +173,8 @@ class ShardedBody(nn.Module):
             if self.gather == "body":
                 yield self.merged_tensors()
                 return
-            gather = self._layer_gather(module, self._owners(self._merged_piece()))
-            with gather.installed():
-                yield {}
-            self.gathered_peak_bytes = max(self.gathered_peak_bytes, gather.peak_bytes)
+            with self._gathered(module, self._owners(self._merged_piece())) as params:
+                yield params
 
     @torch.no_grad()
     def merged_tensors(self) -> Mapping[str, torch.Tensor]:

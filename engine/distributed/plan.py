@@ -185,6 +185,10 @@ class ShardPlan:
             start += numel
         return result
 
+    def segment_offsets(self, p: int) -> torch.Tensor:
+        """[T_p + 1] int64 offsets of layer shard p's segments within the shard."""
+        return torch.tensor([0, *[s.hi - s.lo for s in self.segments(p)]], dtype=torch.int64).cumsum(0)
+
     def task_rows(self, q: int) -> list[int]:
         """Indices of the tasks of group q (contiguous, sizes differing by at most one)."""
         k, groups = len(self.tasks), self.task_groups
@@ -211,8 +215,7 @@ class ShardPlan:
             resident["largest layer gathered, with its gradient"] = self.largest_unit * (2 * b + 4)
         resident["W and Adam"] = 3 * len(self.tasks) * self.columns * 4
         if self.offload != "none":
-            segments = self.segments(p)
-            offsets = torch.tensor([0, *[s.hi - s.lo for s in segments]]).cumsum(0)
+            offsets = self.segment_offsets(p)
             bounds = offsets.tolist()
             largest = max(
                 (bounds[g.stop] - bounds[g.start] for g in layer_groups(offsets, self.prefetch_elements)),

@@ -109,7 +109,7 @@ class ShardLayout:
         return {
             "plan": plan, "rank": rank, "names": list(source.names), "shapes": shapes, "rows": rows,
             "base_piece": base_piece,
-            "offsets": torch.tensor([0, *[s.hi - s.lo for s in segments]], dtype=torch.int64).cumsum(0),
+            "offsets": plan.segment_offsets(plan.coords(rank)[0]),
             "segment_tensor": torch.tensor([s.tensor for s in segments], dtype=torch.int64),
             "base_dtype": source.merged_dtype,
         }  # fmt: skip

@@ -26,7 +26,7 @@
       task_groups: 1              # Q: ranks = layer shards x task groups (supermerge plan)
       offload: none               # where task-vector shards live: none | cpu (DeepSpeed ZeRO-3
                                   # offload_param) | nvme (files read by DeepSpeed's async I/O op)
-      nvme_path: null             # offload nvme: a folder on the drive (O_DIRECT-capable, not tmpfs)
+      nvme_path: null             # offload nvme: a folder on the drive (O_DIRECT-capable)
       gather: body                # body: all-gather the merged body once per step | layer: each
                                   # layer's merged tensors just before it runs, freed after
       memory_per_rank: null       # optional budget the plan checks (e.g. 16GB)

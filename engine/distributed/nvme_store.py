@@ -19,6 +19,7 @@ Every use of the aio op is in this file; deepspeed is pinned in constraints-cpu.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -39,11 +40,10 @@ from supermerge.taskvectors import TaskVectorSource
 ALIGNMENT = 4096  # bytes: O_DIRECT needs file offsets and sizes in whole blocks
 
 
-def aio_handle() -> Any:
-    """A DeepSpeed aio handle (the op is built on first use, then cached in TORCH_EXTENSIONS_DIR).
-
-    Raises SupermergeError when the op cannot be built here (libaio missing).
-    """
+@functools.cache
+def _aio_op() -> Any:
+    """DeepSpeed's async_io op module, checked and loaded once per process (the op is built on
+    first use, then cached in TORCH_EXTENSIONS_DIR)."""
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
     prefer_this_environments_tools()
@@ -54,7 +54,12 @@ def aio_handle() -> Any:
             "nvme needs DeepSpeed's async_io op, which needs libaio and its headers "
             "(Debian: apt-get install libaio-dev)",
         )
-    return builder.load(verbose=False).aio_handle(
+    return builder.load(verbose=False)
+
+
+def aio_handle() -> Any:
+    """A new DeepSpeed aio handle. Raises ConfigError when the op cannot be built here (no libaio)."""
+    return _aio_op().aio_handle(
         block_size=1 << 20, queue_depth=32, single_submit=False, overlap_events=True, intra_op_parallelism=2
     )
 
@@ -162,34 +167,32 @@ class NvmeShardStore(ShardLayout):
     def offloaded_bytes(self) -> int:
         return self.path.stat().st_size
 
+    def _start_read(self, g: int) -> None:
+        """Start reading block g into buffer g % 2 (completed by the next `handle.wait()`)."""
+        block = self.blocks[g]
+        _io(self.handle, "async_pread", self.buffers[g % 2][: block.numel], self.path, block.offset)
+
     def chunks(self) -> Iterator[Chunk]:
         """The shard's layer groups on the device, the next one read while the current is used."""
         if not self.blocks:
             return
-        _io(
-            self.handle,
-            "async_pread",
-            self.buffers[0][: self.blocks[0].numel],
-            self.path,
-            self.blocks[0].offset,
-        )
-        for g, block in enumerate(self.blocks):
-            if self.handle.wait() != 1:
-                raise SupermergeError(f"distributed.nvme_path: reading {self.path} failed")
-            current = self.buffers[g % 2]
-            if g + 1 < len(self.blocks):
-                ahead = self.blocks[g + 1]
-                _io(
-                    self.handle,
-                    "async_pread",
-                    self.buffers[(g + 1) % 2][: ahead.numel],
-                    self.path,
-                    ahead.offset,
-                )
-            width = block.hi - block.lo
-            tau = current[: len(self.rows) * width].view(len(self.rows), width)
-            offsets = self.offsets[block.segments.start : block.segments.stop + 1] - block.lo
-            yield Chunk(block.lo, block.hi, tau.to(self.device), offsets, block.segments)
+        self._start_read(0)
+        pending = True
+        try:
+            for g, block in enumerate(self.blocks):
+                done, pending = self.handle.wait(), False
+                if done != 1:
+                    raise SupermergeError(f"distributed.nvme_path: reading {self.path} failed")
+                if g + 1 < len(self.blocks):
+                    self._start_read(g + 1)
+                    pending = True
+                width = block.hi - block.lo
+                tau = self.buffers[g % 2][: len(self.rows) * width].view(len(self.rows), width)
+                offsets = self.offsets[block.segments.start : block.segments.stop + 1] - block.lo
+                yield Chunk(block.lo, block.hi, tau.to(self.device), offsets, block.segments)
+        finally:  # a stream left early: finish the read in flight before the buffers are reused
+            if pending:
+                self.handle.wait()
 
 
 def _io(handle: Any, op: str, buffer: torch.Tensor, path: Path, offset: int) -> None:

@@ -5,8 +5,9 @@ simple and the test oracle, but it allocates two k x N float32 temporaries and k
 backward. This version works tensor by tensor with matrix-vector products, so its temporaries
 are at most one tensor's k x n_t in float32, and backward recomputes nothing of size k x N:
     forward   out[seg_t]  = base[seg_t] + tanh(w[:, t]) @ tau[:, seg_t]
-    backward  dw[:, t]    = (1 - tanh(w[:, t])^2) * (tau[:, seg_t] @ g[seg_t])
-in a fixed order (deterministic). Only w is differentiated.
+    backward  dw[:, t]    = sech(w[:, t])^2 * (tau[:, seg_t] @ g[seg_t])
+in a fixed order (deterministic). Only w is differentiated. sech^2 is taken from w, not as
+1 - tanh^2, which cancels in float32 for saturated coefficients (|w| > ~2).
 """
 
 import torch
@@ -35,17 +36,17 @@ class GroupedWeightedSumTorch(torch.autograd.Function):
         for t, (lo, hi) in enumerate(segments):
             merged = torch.addmv(_acc(base_flat[lo:hi], acc), _acc(tau_flat[:, lo:hi], acc).T, coef[:, t])
             out[lo:hi] = merged
-        ctx.save_for_backward(tau_flat, coef)
+        ctx.save_for_backward(tau_flat, w.detach().to(acc))
         ctx.segments, ctx.acc, ctx.w_dtype = segments, acc, w.dtype
         return out
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        tau_flat, coef = ctx.saved_tensors
-        dw = torch.empty_like(coef)
+        tau_flat, w = ctx.saved_tensors
+        dw = torch.empty_like(w)
         for t, (lo, hi) in enumerate(ctx.segments):
             dw[:, t] = torch.mv(_acc(tau_flat[:, lo:hi], ctx.acc), _acc(grad_out[lo:hi], ctx.acc))
-        dw.mul_(1 - coef * coef)
+        dw.mul_(torch.cosh(w).pow(-2))
         return None, None, dw.to(ctx.w_dtype), None
 
 

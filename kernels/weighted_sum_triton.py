@@ -96,6 +96,14 @@ def _tanh(x):
 
 
 @triton.jit
+def _sech2(x):
+    # d tanh/dx from x itself: 1 - tanh(x)^2 cancels in float32 once |x| > ~2 (relative error
+    # 2u / sech^2, 1e-5 at |x| = 3); 4e / (1 + e)^2 with e = exp(-2|x|) keeps a few ulps everywhere.
+    e = tl.exp(-2.0 * tl.abs(x))
+    return 4.0 * e / ((1.0 + e) * (1.0 + e))
+
+
+@triton.jit
 def _chunk_bounds(offsets_ptr, chunk_tensor_ptr, chunk_block_ptr, chunk, BLOCK: tl.constexpr):
     """Tensor index, element indices of the chunk's block, and the chunk's [lo, hi) range."""
     t = tl.load(chunk_tensor_ptr + chunk)
@@ -267,8 +275,8 @@ def _reduce_partials_kernel(
     for start in range(first, last, RBLOCK):
         cols = start + tl.arange(0, RBLOCK)
         acc += tl.load(partial_ptr + i * n_chunks + cols, mask=cols < last, other=0.0)
-    coef = _tanh(tl.load(w_ptr + i * n_tensors + t))
-    tl.store(dw_ptr + i * n_tensors + t, (1.0 - coef * coef) * tl.sum(acc, axis=0))
+    slope = _sech2(tl.load(w_ptr + i * n_tensors + t))
+    tl.store(dw_ptr + i * n_tensors + t, slope * tl.sum(acc, axis=0))
 
 
 def _tasks_per_step(n_tasks: int, most: int) -> int:
@@ -326,7 +334,7 @@ def grouped_backward(
     tasks_per_step: int = DEFAULT_TASKS_PER_STEP,
     reduce_block: int = _REDUCE_BLOCK,
 ) -> Tensor:
-    """Write ``dw[i, t] = (1 - tanh(w[i, t])^2) * sum_{n in t} grad_out[n] * tau[i, n]``.
+    """Write ``dw[i, t] = sech(w[i, t])^2 * sum_{n in t} grad_out[n] * tau[i, n]``.
 
     Args:
         grad_out: ``[N]`` contiguous gradient of the loss w.r.t. the forward output.

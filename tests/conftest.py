@@ -58,6 +58,14 @@ def write_folder(path: Path, state: TensorDict, config: dict | None = None, shar
 
 
 @pytest.fixture
+def gen() -> torch.Generator:
+    """A freshly seeded generator; the seed is printed so that a failure can be replayed."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
 def base_state() -> TensorDict:
     return random_state(torch.randint(0, 2**31, ()).item())
 

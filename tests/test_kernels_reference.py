@@ -1,7 +1,5 @@
 """The pure-torch reference against an explicit float64 loop, and its autograd gradient."""
 
-import os
-
 import pytest
 import torch
 
@@ -12,14 +10,6 @@ from supermerge.kernels import (
     weighted_sum_reference,
 )
 from supermerge.kernels.torch_grouped import grouped_weighted_sum_torch
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    """A freshly seeded generator; the seed is printed so that a failure can be replayed."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed={seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 def _offsets(sizes):

@@ -1,21 +1,12 @@
 """The memory-lean torch grouped path against the float64 reference: values, gradient, memory."""
 
-import os
-
 import pytest
 import torch
 
-from supermerge.kernels import grouped_weighted_sum_reference
 from supermerge.kernels.torch_grouped import grouped_weighted_sum_torch
+from tests.numerics import assert_w_gradient_close, w_gradient_reference
 
 TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed={seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 def group(gen, n_tasks, sizes, dtype):
@@ -39,14 +30,12 @@ def test_forward_and_w_gradient_match_the_float64_reference(gen, dtype, n_tasks)
     w.requires_grad_(True)
     out = grouped_weighted_sum_torch(base, tau, w, offsets)
     assert out.dtype == dtype and torch.isfinite(out).all()
-    g = torch.randn(out.shape, generator=gen)
-    (dw,) = torch.autograd.grad(out.float(), w, g)
+    g = torch.randn(out.shape, generator=gen).to(dtype)
+    (dw,) = torch.autograd.grad(out, w, g)
 
-    w64 = w.detach().double().requires_grad_(True)
-    ref = grouped_weighted_sum_reference(base.double(), tau.double(), w64, offsets)
-    (dw_ref,) = torch.autograd.grad(ref, w64, g.double())
+    ref, dw_ref, scale = w_gradient_reference(base, tau, w, offsets, g)
     assert rel(out, ref) < TOLERANCE[dtype]
-    assert rel(dw, dw_ref) < max(TOLERANCE[dtype], 1e-5)
+    assert_w_gradient_close(dw, dw_ref, scale)
 
 
 def test_gradcheck_in_float64(gen) -> None:

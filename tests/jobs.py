@@ -60,7 +60,32 @@ def launch_command(launcher: str) -> list[str]:
     """One process: the command itself; else the ready script under launch/ (NPROC, PORT env)."""
     if launcher == "none":
         return [str(BIN / "supermerge")]
+    if launcher == "slurm":
+        return ["bash", str(LAUNCH / "slurm_torchrun.sbatch")]
     return ["bash", str(LAUNCH / f"{launcher}.sh")]
+
+
+def fake_slurm(folder: Path, nodes: int) -> dict[str, str]:
+    """Environment that runs launch/slurm_torchrun.sbatch as a job of `nodes` nodes, all this host,
+    one rank each: `scontrol` lists the node names, `srun` starts the command once per node (as
+    SLURM's one task per node would) and fails if any of them fails."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "scontrol").write_text(
+        '#!/usr/bin/env bash\n[ "$1 $2" = "show hostnames" ] && tr , "\\n" <<< "$3"\n'
+    )
+    (folder / "srun").write_text(
+        "#!/usr/bin/env bash\npids=()\n"
+        "for node in $(seq 0 $((SLURM_JOB_NUM_NODES - 1))); do\n"
+        '    SLURM_NODEID=$node SLURM_PROCID=$node "$@" & pids+=($!)\ndone\n'
+        'rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit $rc\n'
+    )
+    for tool in ("scontrol", "srun"):
+        (folder / tool).chmod(0o755)
+    return {
+        "PATH": f"{folder}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": ",".join(["localhost"] * nodes), "SLURM_JOB_NUM_NODES": str(nodes),
+        "SLURM_JOB_ID": f"test{free_port()}", "GPUS_PER_NODE": "1", "RDZV_PORT": str(free_port()),
+    }  # fmt: skip
 
 
 def run_job(

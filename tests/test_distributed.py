@@ -15,7 +15,7 @@ from supermerge.cli import main
 from supermerge.config import load_config
 from supermerge.distributed.plan import ShardPlan
 from supermerge.errors import SupermergeError
-from tests.jobs import LAUNCH, assert_clean_success, assert_same_merge, run_job, write_config
+from tests.jobs import LAUNCH, assert_clean_success, assert_same_merge, fake_slurm, run_job, write_config
 
 # ---------------------------------------------------------------- the plan (no processes)
 
@@ -105,6 +105,19 @@ def test_launch_gives_the_one_process_result(
         assert len(shares) == r and sum(shares) == k * n * 4
         groups = q if node["node"] == "root" else 1
         assert max(shares) <= -(-k // groups) * groups * -(-n // r) * 4
+
+
+@pytest.mark.slow
+def test_slurm_script_runs_one_torchrun_per_node_and_gives_the_one_process_result(
+    toy, reference, tmp_path: Path
+) -> None:
+    # two "nodes" on this host: the script's rendezvous (c10d on the first node) and node count
+    # are what a cluster would run; only srun and scontrol are stand-ins
+    config = write_config(tmp_path, toy, "flat")
+    result = run_job("slurm", 2, config, env=fake_slurm(tmp_path / "slurm_bin", nodes=2))
+    assert_clean_success(result)
+    assert "on 2 ranks" in result.stdout
+    assert_same_merge(reference["flat"], tmp_path / "flat")
 
 
 @pytest.mark.slow

@@ -10,7 +10,9 @@ gather mode of `--gather`. From each run's coefficients.json / supermerge_merge.
 - the tensor bytes the engine held at its peak (store, merged weights, gradients: tracked);
 - time per training step (on this machine's cores: with more ranks than cores the ranks share
   them, so this is not a scaling figure);
-- bytes a rank sent per step, split into tensor traffic (goal: flat in k) and dW (k x G floats).
+- bytes a rank sent per step, split into tensor traffic (goal: flat in k) and dW (k x G floats);
+- layer mode with and without prefetch (`gather_ahead` 1 and 0) at k = 8, R = 2 and 4: time per
+  step of each (runs alternated, `--repeats` each, median) and their ratio.
 Usage: .venv/bin/python benchmarks/bench_distributed.py [--width 1024 --layers 4 --steps 5]
 """
 
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CLASSES = 4
 RUNS = [(8, 1), (8, 2), (8, 4), (2, 2), (4, 2)]  # (k, ranks), in each gather mode
 OFFLOAD_RUNS = [(8, 1, "body"), (8, 2, "layer")]  # (k, ranks, gather), for each offload target
+PREFETCH_RUNS = [(8, 2), (8, 4)]  # (k, ranks), layer mode with gather_ahead 0 and 1
 
 
 class WideMLP(nn.Module):
@@ -83,12 +87,14 @@ def write_suite(work: Path, k: int, width: int, layers: int) -> Path:
     return config
 
 
-def run(config: Path, ranks: int, steps: int, gather: str, offload: str, env: dict) -> dict:
+def run(config: Path, ranks: int, steps: int, gather: str, offload: str, env: dict, ahead: int = 1) -> dict:
     """One merge; returns the root node record, the summary and the wall time."""
     doc = yaml.safe_load(config.read_text())
     doc["method"]["steps"] = steps
     doc["output"] = f"out-r{ranks}-{gather}-{offload}"
     doc["distributed"] = {"gather": gather, "offload": offload}
+    if gather == "layer":
+        doc["distributed"]["gather_ahead"] = ahead
     if offload == "nvme":
         (config.parent / "nvme").mkdir(exist_ok=True)
         doc["distributed"]["nvme_path"] = "nvme"
@@ -130,6 +136,25 @@ def nvme_read_bandwidth(folder: Path, nbytes: int, block: int = 64 << 20) -> flo
     return blocks * block / seconds
 
 
+def compare_prefetch(configs: dict[int, Path], steps: int, repeats: int, env: dict) -> list[dict]:
+    """Layer mode, time per step with gather_ahead 0 and 1, runs alternated (the machine's drift
+    hits both alike); the median of `repeats` runs of each and their ratio."""
+    rows = []
+    for k, ranks in PREFETCH_RUNS if repeats else []:
+        seconds: dict[int, list[float]] = {0: [], 1: []}
+        for _ in range(repeats):
+            for ahead in (0, 1):
+                root = run(configs[k], ranks, steps, "layer", "none", env, ahead)["root"]
+                seconds[ahead].append(root["train_seconds"] / steps)
+        median = {a: statistics.median(t) for a, t in seconds.items()}
+        rows.append({"k": k, "ranks": ranks, "seconds_per_step": seconds, "ratio": median[1] / median[0]})
+        print(
+            f"layer k={k} R={ranks}: {median[0]:.3f} s/step without prefetch, {median[1]:.3f} with "
+            f"gather_ahead 1 (ratio {median[1] / median[0]:.3f}; medians of {repeats})"
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=1024)
@@ -139,6 +164,7 @@ def main() -> None:
     parser.add_argument(
         "--offload", default="cpu,nvme", help="offload targets to run at k = 8 (nvme needs libaio-dev)"
     )
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each prefetch setting (0: skip)")
     args = parser.parse_args()
     env = os.environ | {
         "BENCH_WIDTH": str(args.width), "BENCH_LAYERS": str(args.layers), "OMP_NUM_THREADS": "1",
@@ -202,9 +228,13 @@ def main() -> None:
                         f"{row['seconds_per_step']:.3f} s/step, read floor "
                         f"{row['read_floor_seconds_per_step']:.3f} s/step"
                     )
+        prefetch = compare_prefetch(configs, args.steps, args.repeats, env)
     out = ROOT / "benchmarks" / "results" / "distributed_cpu.json"
     out.parent.mkdir(exist_ok=True)
-    record = {"device": device, "args": vars(args), "rows": rows, "nvme_read_bytes_per_s": bandwidth}
+    record = {
+        "device": device, "args": vars(args), "rows": rows, "nvme_read_bytes_per_s": bandwidth,
+        "prefetch": prefetch,
+    }  # fmt: skip
     out.write_text(json.dumps(record, indent=2))
     print(f"wrote {out}")
 

@@ -29,6 +29,8 @@
       nvme_path: null             # offload nvme: a folder on the drive (O_DIRECT-capable)
       gather: body                # body: all-gather the merged body once per step | layer: each
                                   # layer's merged tensors just before it runs, freed after
+      gather_ahead: 1             # gather layer: layers whose gathers start before they run
+                                  # (prefetch, while the current one computes; 0: none)
       memory_per_rank: null       # optional budget the plan checks (e.g. 16GB)
       timeout_s: 300              # a collective waits this long for a silent rank
       prefetch_elements: 4194304  # offload: elements per streamed layer group (two are staged)
@@ -86,6 +88,7 @@ class DistributedSpec:
     memory_per_rank: int = 0
     timeout_s: float = 300.0
     prefetch_elements: int = 2**22
+    gather_ahead: int = 1
 
 
 @dataclass
@@ -249,6 +252,13 @@ def _distributed_spec(raw: Any, path: Callable[[str], Path], source: Path | None
     gather = raw.get("gather", "body")
     if gather not in GATHER_MODES:
         raise ConfigError("distributed.gather", f"expected body or layer, got {gather!r}", source)
+    ahead = raw.get("gather_ahead", 1)
+    if not isinstance(ahead, int) or isinstance(ahead, bool) or ahead < 0:
+        raise ConfigError("distributed.gather_ahead", f"expected an integer >= 0, got {ahead!r}", source)
+    if "gather_ahead" in raw and gather != "layer":
+        raise ConfigError(
+            "distributed.gather_ahead", f"only used with gather layer (gather is {gather})", source
+        )
     budget = raw.get("memory_per_rank")
     timeout = raw.get("timeout_s", 300.0)
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
@@ -261,7 +271,7 @@ def _distributed_spec(raw: Any, path: Callable[[str], Path], source: Path | None
     return DistributedSpec(
         groups, offload, path(nvme) if nvme else None, gather,
         parse_size(budget, "distributed.memory_per_rank", source) if budget is not None else 0,
-        float(timeout), prefetch,
+        float(timeout), prefetch, ahead,
     )  # fmt: skip
 
 

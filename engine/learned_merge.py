@@ -210,7 +210,9 @@ class LearnedMerge:
         else:
             store = NvmeShardStore.build(*args, spec.prefetch_elements, spec.nvme_path, self.progress)
         single = Comm(None, [comm.global_rank], 0, comm.stats, f"shard{p}")
-        return ShardedBody(store, layout, comm, shard_comm or single, init, self.params.impl, spec.gather)
+        return ShardedBody(
+            store, layout, comm, shard_comm or single, init, self.params.impl, spec.gather, spec.gather_ahead
+        )
 
     def train_node(
         self, node: str, children: list[Expert], leaves: list[str], init: float, comm: Comm

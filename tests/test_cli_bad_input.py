@@ -128,6 +128,8 @@ def test_nan_in_the_base(capsys, make_models, write_yaml, base_state) -> None:
         ({"distributed": {"offload": "nvme", "nvme_path": "/no/such/folder"}}, "distributed.nvme_path"),
         ({"distributed": {"nvme_path": "."}}, "distributed.nvme_path"),
         ({"distributed": {"gather": "tensor"}}, "distributed.gather"),
+        ({"distributed": {"gather": "layer", "gather_ahead": -1}}, "distributed.gather_ahead"),
+        ({"distributed": {"gather_ahead": 2}}, "distributed.gather_ahead"),
         ({"distributed": {"timeout_s": -1}}, "distributed.timeout_s"),
         ({"distributed": {"prefetch_elements": 0}}, "distributed.prefetch_elements"),
     ],

@@ -142,10 +142,11 @@ def test_task_vectors_offloaded_through_deepspeed_zero3_give_the_same_merge(
     summary = json.loads((tmp_path / kind / "supermerge_merge.json").read_text())["summary"]
     # the k task vectors sit in DeepSpeed's CPU partitions: the rank holds its base piece, and
     # body mode the gathered body and its gradient (fp32 staging included); layer mode its merged
-    # piece, its fp32 gradient and one toy branch (144 elements) with its gradient at a time
+    # piece, its fp32 gradient and one toy branch (144 elements) with its gradient at a time, and
+    # the next branch, gathered ahead (gather_ahead: 1, the default)
     n = 576
     piece = -(-n // ranks)
-    held = ranks * piece * (4 + 4 + 4) if gather == "body" else piece * (4 + 4) + 144 * (4 + 4)
+    held = ranks * piece * (4 + 4 + 4) if gather == "body" else piece * (4 + 4) + 144 * (4 + 4) + 144 * 4
     assert summary["peak_tensor_bytes"] == piece * 4 + held
 
 
@@ -230,6 +231,7 @@ def test_plan_of_layer_gathers_holds_a_piece_and_one_layer_instead_of_the_body(
     out = capsys.readouterr().out
     assert "merged body" not in out and "merged piece 1.12 KiB" in out  # 288 of the 576 fp32 elements
     assert "largest layer gathered, with its gradient 1.69 KiB" in out  # a 144-element branch x 12 B
+    assert "layers gathered ahead (1) 576 B" in out  # the next branch, prefetched
     assert "per micro-batch pass and rank" in out and "largest gather unit 144 elements" in out
 
 

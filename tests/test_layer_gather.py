@@ -98,12 +98,29 @@ def _worker(rank: int, port: int, folder: str) -> None:
     padded = torch.cat([flat, torch.zeros(WORLD * piece_size - flat.numel())])
     piece = padded[rank * piece_size : (rank + 1) * piece_size].clone()
     owners = Owners(comm, piece_size, piece, torch.zeros(piece_size))
-    gather = LayerGather(find_units(module, names, shapes), owners, torch.float32)
+    units = find_units(module, names, shapes)
+    gather = LayerGather(units, owners, torch.float32)
     with gather.installed():
         hidden = functional_call(module, {}, args=(), kwargs=batch(rank)).last_hidden_state
         assert not gather.live, "every unit is freed once its module has run"
         (hidden @ probe()).sum().backward()
     forward_and_backward = dict(comm.stats.bytes_by_tag)
+    # the same pass again, prefetching along the first pass's gathers; then along a schedule that
+    # the pass leaves after three gathers (the prefetched units it then skips are waited for)
+    repeats = {}
+    departing = [*gather.gathers[:3], *[gather.gathers[-1]] * 4]
+    for name, schedule in (("prefetch", gather.gathers), ("departing", departing)):
+        comm.stats.reset()
+        again_owners = Owners(comm, piece_size, piece, torch.zeros(piece_size))
+        repeat = LayerGather(units, again_owners, torch.float32, schedule, ahead=1)
+        with repeat.installed():
+            out = functional_call(module, {}, args=(), kwargs=batch(rank)).last_hidden_state
+            (out @ probe()).sum().backward()
+        repeats[name] = {
+            "same": torch.equal(out, hidden) and torch.equal(again_owners.grad_piece, owners.grad_piece),
+            "bytes": dict(comm.stats.bytes_by_tag), "gathers": len(repeat.gathers),
+            "prefetched": repeat.prefetched, "peak": repeat.peak_bytes,
+        }  # fmt: skip
     with torch.no_grad(), gather.installed():
         again = functional_call(module, {}, args=(), kwargs=batch(rank)).last_hidden_state
     assert all(p.device.type == "meta" for p in module.parameters()), "the skeleton gets its tensors back"
@@ -113,7 +130,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
         {
             "grad_piece": owners.grad_piece, "hidden": hidden.detach(), "again": again, "exact": exact,
             "peak": gather.peak_bytes, "bytes": forward_and_backward,
-            "largest": max(u.numel for u in gather.units), "n": flat.numel(),
+            "largest": max(u.numel for u in gather.units), "n": flat.numel(), "repeats": repeats,
         },
         Path(folder) / f"rank{rank}.pt",
     )  # fmt: skip
@@ -178,6 +195,18 @@ def test_layer_gathers_hold_one_unit_at_a_time_and_send_order_n_bytes(two_ranks)
         slack = 100  # bytes rounded down per collective
         assert body < sent["merged"] <= 2 * body + slack
         assert body / 2 < sent["grad"] <= body + slack
+
+
+def test_prefetch_along_the_last_pass_changes_neither_result_nor_traffic(two_ranks) -> None:
+    largest = two_ranks[0]["largest"]
+    for result in two_ranks:
+        prefetch, departing = result["repeats"]["prefetch"], result["repeats"]["departing"]
+        assert prefetch["same"] and departing["same"], "bitwise the pass without prefetch"
+        assert prefetch["bytes"] == result["bytes"], "prefetch only moves gathers earlier"
+        assert prefetch["prefetched"] == prefetch["gathers"] - 1, "each gather started the next"
+        assert prefetch["peak"] <= largest * (4 + 4 + 4) + largest * 4  # one more unit at most
+        assert departing["prefetched"] <= 3  # nothing once the pass left the schedule
+        assert departing["bytes"]["grad"] == result["bytes"]["grad"]
 
 
 def test_a_forward_that_raises_gives_the_skeleton_its_tensors_back() -> None:

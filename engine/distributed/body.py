@@ -37,6 +37,7 @@ class ShardedBody(nn.Module):
         impl: kernel implementation.
         gather: "body" (the whole merged body all-gathered once per step) or "layer" (each
             module's merged tensors gathered just before it runs: supermerge.distributed.layer_gather).
+        gather_ahead: layer mode: units whose gathers start before they are needed (0: none).
     """
 
     def __init__(
@@ -48,12 +49,14 @@ class ShardedBody(nn.Module):
         init: float = 0.3,
         impl: str = "auto",
         gather: str = "body",
+        gather_ahead: int = 0,
     ) -> None:
         super().__init__()
         self.store, self.layout, self.comm, self.shard_comm, self.impl = store, layout, comm, shard_comm, impl
-        self.gather = gather
+        self.gather, self.gather_ahead = gather, gather_ahead
         self.gathered_peak_bytes = 0
         self._units: dict[int, list] = {}
+        self._schedules: dict[tuple[int, bool], list[int]] = {}  # (module, training): last pass's gathers
         device = store.base_piece.device
         k = len(store.plan.tasks)
         self.w = nn.Parameter(torch.full((k, layout.groups), math.atanh(init), device=device))
@@ -148,9 +151,14 @@ class ShardedBody(nn.Module):
         to pass in: the hooks put them in place)."""
         if id(module) not in self._units:
             self._units[id(module)] = find_units(module, self.names, self.store.shapes)
-        gather = LayerGather(self._units[id(module)], owners, self.store.base_dtype)
+        kind = (id(module), torch.is_grad_enabled())
+        schedule = self._schedules.get(kind, [])
+        gather = LayerGather(
+            self._units[id(module)], owners, self.store.base_dtype, schedule, self.gather_ahead
+        )
         with gather.installed():
             yield {}
+        self._schedules[kind] = gather.gathers
         self.gathered_peak_bytes = max(self.gathered_peak_bytes, gather.peak_bytes)
 
     @contextmanager

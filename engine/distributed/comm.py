@@ -134,6 +134,18 @@ class Comm:
         wire = (self.size - 1) / self.size * nbytes(tensor)
         self._run("broadcast", tag, wire, lambda: dist.broadcast(tensor, self.ranks[src], group=self.group))
 
+    def start_broadcast(self, tensor: torch.Tensor, src: int, tag: str) -> Pending:
+        """Begin `broadcast` without waiting: `tensor` must be left alone until the returned
+        handle's `wait()` (collectives started later on this group may complete before it)."""
+        wire = (self.size - 1) / self.size * nbytes(tensor)
+        work = self._run(
+            "broadcast",
+            tag,
+            wire,
+            lambda: dist.broadcast(tensor, self.ranks[src], group=self.group, async_op=True),
+        )
+        return Pending(self, "broadcast", work)
+
     def reduce(self, tensor: torch.Tensor, dst: int, tag: str) -> None:
         """Member `dst`'s tensor = the sum of every member's tensor (the others' are overwritten)."""
         wire = (self.size - 1) / self.size * nbytes(tensor)
@@ -218,6 +230,25 @@ class Comm:
             f"rank {self.global_rank}: a peer rank failed during {where}; the rendezvous store is "
             f"unreachable, so rank 0 (its host) is the likely one ({first})"
         )
+
+
+@dataclass
+class Pending:
+    """A collective started by `Comm.start_*`; `wait()` finishes it (a no-op on one process)."""
+
+    comm: Comm
+    op: str
+    work: Any
+
+    def wait(self) -> None:
+        if self.work is None:
+            return
+        try:
+            self.work.wait()
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise self.comm._failure(self.op, e) from None
+        finally:
+            self.work = None
 
 
 def _default_store() -> Any:

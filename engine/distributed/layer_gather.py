@@ -21,8 +21,11 @@ How it hooks into a forward that `torch.func.functional_call` runs on the task m
 
 Every gather and reduce is a collective: all ranks run the same passes (the trainer deals them
 the same number of micro-batches) over the same graph, so they issue them in the same order.
-Peak memory per rank: the piece, its gradient and the units in use (one at a time in a chain of
-layers), instead of the whole body and its gradient. Traffic per micro-batch pass per rank:
+With `ahead` > 0 each gather also starts broadcasting the units the previous pass gathered
+next (`LayerGather`), so they travel while the current one computes (FSDP's prefetch).
+Peak memory per rank: the piece, its gradient, the units in use (one at a time in a chain of
+layers) and `ahead` prefetched ones, instead of the whole body and its gradient. Traffic per
+micro-batch pass per rank (the same with prefetch, which only moves gathers earlier):
 forward gather N b, backward gather at most N b, gradient reduce N 4 bytes, each times (R-1)/R
 (b: bytes per merged element), independent of k.
 """
@@ -37,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from supermerge.distributed.comm import Comm
+from supermerge.distributed.comm import Comm, Pending
 from supermerge.errors import SupermergeError
 
 
@@ -150,14 +153,22 @@ class Owners:
         for owner in range(lo // s, (hi - 1) // s + 1):
             yield owner, max(lo, owner * s), min(hi, (owner + 1) * s)
 
-    def gather(self, out: torch.Tensor, lo: int, hi: int) -> None:
-        """out [hi - lo] = merged body elements [lo, hi), from their owners (collective)."""
+    def start_gather(self, out: torch.Tensor, lo: int, hi: int) -> list[Pending]:
+        """Begin out [hi - lo] = merged body elements [lo, hi), from their owners (collective);
+        `out` holds them once every returned handle has been waited on."""
         me, s = self.comm.rank, self.piece_size
+        handles = []
         for owner, a, b in self._parts(lo, hi):
             part = out[a - lo : b - lo]
             if owner == me:
                 part.copy_(self.piece[a - owner * s : b - owner * s])
-            self.comm.broadcast(part, owner, "merged")
+            handles.append(self.comm.start_broadcast(part, owner, "merged"))
+        return handles
+
+    def gather(self, out: torch.Tensor, lo: int, hi: int) -> None:
+        """out [hi - lo] = merged body elements [lo, hi), from their owners (collective)."""
+        for handle in self.start_gather(out, lo, hi):
+            handle.wait()
 
     def reduce(self, grad: torch.Tensor, lo: int, hi: int) -> None:
         """Sum every rank's fp32 `grad` of body elements [lo, hi) into the owners' grad_piece
@@ -196,39 +207,87 @@ class _Handle:
 
 @dataclass
 class LayerGather:
-    """Gathers units just before use and frees them after (see module docstring).
+    """Gathers units just before use and frees them after (see module docstring), for one pass.
+
+    Prefetch: a pass of the same kind (training or inference) over the same data gathers the same
+    units in the same order, so the previous pass's order (`schedule`) says which units come
+    next. While this pass repeats it, each gather also starts the broadcasts of the next `ahead`
+    units of the schedule, which then travel while the current unit computes; once the pass
+    departs from the schedule it prefetches nothing more. All ranks run the same passes, so
+    they start the same collectives in the same order.
 
     Attributes:
         units: the gather units of the task model.
         owners: the pieces and their owners.
         dtype: dtype of the merged body.
+        schedule: the units the previous pass of this kind gathered, in order ([]: no prefetch).
+        ahead: units gathered ahead of use (0: none).
         live: unit -> its gathered flat buffer, for the units held now.
-        peak_bytes: most bytes held at once in gathered buffers and unit gradients.
+        gathers: the units this pass gathered, in order (the next pass's schedule).
+        prefetched: how many of those gathers had been started ahead of use.
+        peak_bytes: most bytes held at once in gathered buffers (prefetched ones included) and
+            unit gradients.
     """
 
     units: list[Unit]
     owners: Owners
     dtype: torch.dtype
+    schedule: list[int] = field(default_factory=list)
+    ahead: int = 0
     live: dict[int, torch.Tensor] = field(default_factory=dict)
+    gathers: list[int] = field(default_factory=list)
+    prefetched: int = 0
     peak_bytes: int = 0
+    _pending: dict[int, tuple[torch.Tensor, list[Pending]]] = field(default_factory=dict)
+    _on_schedule: bool = True
     _storage_unit: dict[int, int] = field(default_factory=dict)
 
     def _observe(self, extra: int = 0) -> None:
-        held = sum(b.numel() * b.element_size() for b in self.live.values()) + extra
+        buffers = [*self.live.values(), *(buffer for buffer, _ in self._pending.values())]
+        held = sum(b.numel() * b.element_size() for b in buffers) + extra
         self.peak_bytes = max(self.peak_bytes, held)
+
+    def _start(self, u: int) -> tuple[torch.Tensor, list[Pending]]:
+        unit = self.units[u]
+        buffer = torch.empty(unit.numel, dtype=self.dtype, device=self.owners.piece.device)
+        with torch.no_grad():
+            handles = [
+                handle
+                for lo, hi, offset in unit.runs
+                for handle in self.owners.start_gather(buffer[offset : offset + hi - lo], lo, hi)
+            ]
+        return buffer, handles
 
     def materialise(self, u: int) -> torch.Tensor:
         """Unit u's merged tensors in one flat buffer, gathered unless already held (collective)."""
         if u not in self.live:
-            unit = self.units[u]
-            buffer = torch.empty(unit.numel, dtype=self.dtype, device=self.owners.piece.device)
-            with torch.no_grad():
-                for lo, hi, offset in unit.runs:
-                    self.owners.gather(buffer[offset : offset + hi - lo], lo, hi)
+            self.prefetched += u in self._pending
+            buffer, handles = self._pending.pop(u, None) or self._start(u)
+            for handle in handles:
+                handle.wait()
             self.live[u] = buffer
             self._storage_unit[buffer.untyped_storage().data_ptr()] = u
+            self.gathers.append(u)
+            self._prefetch()
             self._observe()
         return self.live[u]
+
+    def _prefetch(self) -> None:
+        """Start the next `ahead` units of the schedule while this pass still follows it."""
+        n = len(self.gathers)
+        self._on_schedule = self._on_schedule and self.schedule[n - 1 : n] == self.gathers[-1:]
+        if not self._on_schedule:
+            return
+        for v in self.schedule[n : n + self.ahead]:
+            if v not in self.live and v not in self._pending:
+                self._pending[v] = self._start(v)
+
+    def _finish_prefetches(self) -> None:
+        """Wait for prefetched units the pass did not use (it left the schedule) and drop them."""
+        for _, handles in self._pending.values():
+            for handle in handles:
+                handle.wait()
+        self._pending.clear()
 
     def release(self, u: int) -> None:
         """Drop unit u's buffer (its memory is freed once no view of it is left)."""
@@ -299,7 +358,9 @@ class LayerGather:
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
                 yield
+            self._finish_prefetches()
         finally:
+            self._pending.clear()  # after an error: the collectives keep their tensors alive
             for handle in handles:
                 handle.remove()
             for unit, saved in zip(self.units, stacks, strict=True):  # a forward that raised

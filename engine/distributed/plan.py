@@ -85,6 +85,7 @@ class ShardPlan:
         gather: "body" (the merged body all-gathered once per step) or "layer" (each gather unit
             of the model gathered just before use: supermerge.distributed.layer_gather).
         largest_unit: elements of the model's largest gather unit (layer mode).
+        gather_ahead: units gathered ahead of use (layer mode prefetch).
         prefetch_elements: offloaded stores stream their shard in layer groups of whole tensor
             parts of at least this many elements (`layer_groups`), two groups staged at a time.
     """
@@ -102,6 +103,7 @@ class ShardPlan:
     gather: str = "body"
     largest_unit: int = 0
     prefetch_elements: int = 2**22
+    gather_ahead: int = 0
 
     def __post_init__(self) -> None:
         if self.ranks < 1:
@@ -142,7 +144,7 @@ class ShardPlan:
         return cls(
             names, [infos[n].numel for n in names], tasks, ranks, task_groups, storage_dtype.itemsize,
             source.merged_dtype.itemsize, columns, spec.offload, spec.memory_per_rank, spec.gather, largest,
-            spec.prefetch_elements,
+            spec.prefetch_elements, spec.gather_ahead if spec.gather == "layer" else 0,
         )  # fmt: skip
 
     @property
@@ -213,6 +215,10 @@ class ShardPlan:
             resident["merged piece"] = self.piece * b
             resident["gradient piece and shard (fp32)"] = (self.piece + self.shard_size) * 4
             resident["largest layer gathered, with its gradient"] = self.largest_unit * (2 * b + 4)
+            if self.gather_ahead:
+                resident[f"layers gathered ahead ({self.gather_ahead})"] = (
+                    self.gather_ahead * self.largest_unit * b
+                )
         resident["W and Adam"] = 3 * len(self.tasks) * self.columns * 4
         if self.offload != "none":
             offsets = self.segment_offsets(p)

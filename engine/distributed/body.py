@@ -153,9 +153,8 @@ class ShardedBody(nn.Module):
             self._units[id(module)] = find_units(module, self.names, self.store.shapes)
         kind = (id(module), torch.is_grad_enabled())
         schedule = self._schedules.get(kind, [])
-        gather = LayerGather(
-            self._units[id(module)], owners, self.store.base_dtype, schedule, self.gather_ahead
-        )
+        ahead = self.gather_ahead if self.comm.size > 1 else 0  # one rank: gathers are local copies
+        gather = LayerGather(self._units[id(module)], owners, self.store.base_dtype, schedule, ahead)
         with gather.installed():
             yield {}
         self._schedules[kind] = gather.gathers

@@ -215,7 +215,7 @@ class ShardPlan:
             resident["merged piece"] = self.piece * b
             resident["gradient piece and shard (fp32)"] = (self.piece + self.shard_size) * 4
             resident["largest layer gathered, with its gradient"] = self.largest_unit * (2 * b + 4)
-            if self.gather_ahead:
+            if self.gather_ahead and self.ranks > 1:
                 resident[f"layers gathered ahead ({self.gather_ahead})"] = (
                     self.gather_ahead * self.largest_unit * b
                 )

@@ -166,14 +166,13 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3, help="runs of each prefetch setting (0: skip)")
     args = parser.parse_args()
+    # DeepSpeed's ops (CPU comm, async_io) built once, where the tests and launch/ keep them
+    default_extensions = Path.home() / ".cache" / "supermerge" / "torch_extensions"
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(default_extensions))
     env = os.environ | {
         "BENCH_WIDTH": str(args.width), "BENCH_LAYERS": str(args.layers), "OMP_NUM_THREADS": "1",
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        # DeepSpeed's ops (CPU comm, async_io) built once, where the tests and launch/ keep them
-        "TORCH_EXTENSIONS_DIR": os.environ.get(
-            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "supermerge" / "torch_extensions")
-        ),
     }  # fmt: skip
     device = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"

@@ -129,14 +129,9 @@ class Comm:
         wire = (self.size - 1) * nbytes(inp)
         self._run("all_gather", tag, wire, lambda: _ALL_GATHER(out, inp, group=self.group))
 
-    def broadcast(self, tensor: torch.Tensor, src: int, tag: str) -> None:
-        """tensor = member `src`'s tensor, on every member."""
-        wire = (self.size - 1) / self.size * nbytes(tensor)
-        self._run("broadcast", tag, wire, lambda: dist.broadcast(tensor, self.ranks[src], group=self.group))
-
     def start_broadcast(self, tensor: torch.Tensor, src: int, tag: str) -> Pending:
-        """Begin `broadcast` without waiting: `tensor` must be left alone until the returned
-        handle's `wait()` (collectives started later on this group may complete before it)."""
+        """Begin tensor = member `src`'s tensor, on every member; `tensor` must be left alone until
+        the returned handle's `wait()` (collectives started later may complete before it)."""
         wire = (self.size - 1) / self.size * nbytes(tensor)
         work = self._run(
             "broadcast",

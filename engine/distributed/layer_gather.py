@@ -283,11 +283,10 @@ class LayerGather:
                 self._pending[v] = self._start(v)
 
     def _finish_prefetches(self) -> None:
-        """Wait for prefetched units the pass did not use (it left the schedule) and drop them."""
+        """Wait for the prefetched units the pass did not use (it left the schedule)."""
         for _, handles in self._pending.values():
             for handle in handles:
                 handle.wait()
-        self._pending.clear()
 
     def release(self, u: int) -> None:
         """Drop unit u's buffer (its memory is freed once no view of it is left)."""
@@ -360,7 +359,7 @@ class LayerGather:
                 yield
             self._finish_prefetches()
         finally:
-            self._pending.clear()  # after an error: the collectives keep their tensors alive
+            self._pending.clear()  # after an error unwaited: the collectives keep their tensors alive
             for handle in handles:
                 handle.remove()
             for unit, saved in zip(self.units, stacks, strict=True):  # a forward that raised

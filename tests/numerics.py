@@ -1,4 +1,5 @@
-"""The w-gradient of a grouped weighted sum checked against float64 with a rounding-aware bound.
+"""Kernel-test helpers: flat-buffer offsets, and the w-gradient of a grouped weighted sum checked
+against float64 with a rounding-aware bound.
 
 dw[i, t] = sech(w[i, t])^2 * sum_{n in t} g[n] tau[i, n] is a dot product: with random signs it
 cancels, so ||dw - ref|| / ||ref|| has no fixed bound (one task, a saturated w, a short tensor:
@@ -15,6 +16,11 @@ from supermerge.kernels import grouped_weighted_sum_reference
 # scale in 2400 random draws (both impls, three dtypes, w ~ 3 N(0, 1), tensors up to 3000);
 # a wrong tensor, task or slope errs by ~1/sqrt(n) of the scale or more.
 ACCUMULATION_TOL = 2.0**-18
+
+
+def offsets_of(sizes: list[int]) -> Tensor:
+    """[T + 1] int64 offsets of tensors of `sizes` elements stored back to back."""
+    return torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int64)
 
 
 def w_gradient_reference(

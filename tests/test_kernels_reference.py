@@ -10,10 +10,7 @@ from supermerge.kernels import (
     weighted_sum_reference,
 )
 from supermerge.kernels.torch_grouped import grouped_weighted_sum_torch
-
-
-def _offsets(sizes):
-    return torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int64)
+from tests.numerics import offsets_of
 
 
 def _loop_weighted_sum(base, taus, w):
@@ -51,7 +48,7 @@ def test_weighted_sum_reference_accumulates_in_fp32_and_returns_base_dtype(gen, 
 
 def test_grouped_reference_equals_per_tensor_reference(gen):
     sizes = [1, 3, 0, 1000, 17]
-    offsets = _offsets(sizes)
+    offsets = offsets_of(sizes)
     n_tasks = 5
     base = torch.randn(int(offsets[-1]), generator=gen)
     tau = torch.randn(n_tasks, int(offsets[-1]), generator=gen)
@@ -71,7 +68,7 @@ def test_weighted_sum_reference_passes_gradcheck_in_float64(gen):
 
 
 def test_grouped_reference_passes_gradcheck_in_float64(gen):
-    offsets = _offsets([1, 4, 0, 9])
+    offsets = offsets_of([1, 4, 0, 9])
     n = int(offsets[-1])
     base = torch.randn(n, generator=gen, dtype=torch.float64)
     tau = torch.randn(3, n, generator=gen, dtype=torch.float64)
@@ -80,7 +77,7 @@ def test_grouped_reference_passes_gradcheck_in_float64(gen):
 
 
 def test_public_api_on_cpu_uses_the_torch_paths(gen):
-    offsets = _offsets([3, 5])
+    offsets = offsets_of([3, 5])
     base = torch.randn(8, generator=gen)
     tau = torch.randn(2, 8, generator=gen)
     w = torch.randn(2, 2, generator=gen)

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from supermerge.kernels.torch_grouped import grouped_weighted_sum_torch
-from tests.numerics import assert_w_gradient_close, w_gradient_reference
+from tests.numerics import assert_w_gradient_close, offsets_of, w_gradient_reference
 
 TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 def group(gen, n_tasks, sizes, dtype):
-    offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int64)
+    offsets = offsets_of(sizes)
     n = int(offsets[-1])
     base = torch.randn(n, generator=gen).to(dtype)
     tau = torch.randn(n_tasks, n, generator=gen).to(dtype)

@@ -18,7 +18,7 @@ from supermerge.kernels import (
     weighted_sum,
     weighted_sum_reference,
 )
-from tests.numerics import assert_w_gradient_close, w_gradient_reference
+from tests.numerics import assert_w_gradient_close, offsets_of, w_gradient_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -48,10 +48,6 @@ def _inputs(gen, dtype, n_tasks, n_elements, n_tensors=1):
     return base, tau, w
 
 
-def _offsets(sizes):
-    return torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int64)
-
-
 def _rel_err(out, ref):
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
@@ -72,7 +68,7 @@ def _run_backward(kernels, plan, grad_out, tau, w, reduce_block=1024):
 def test_forward_writes_every_element_and_matches_float64_reference(kernels, gen, dtype, n_tasks):
     n = 3001  # not a multiple of the block: two full blocks and a masked tail
     base, tau, w = _inputs(gen, dtype, n_tasks, n)
-    offsets = _offsets([n])
+    offsets = offsets_of([n])
     plan = kernels.build_chunk_plan(offsets, 1024, DEVICE)
     out = kernels.grouped_forward(base, tau, w, plan, _poisoned((n,), dtype))
     ref = grouped_weighted_sum_reference(base.double(), tau.double(), w.double(), offsets)
@@ -86,7 +82,7 @@ def test_backward_writes_every_coefficient_and_matches_float64_reference(kernels
     n = 3001
     base, tau, w = _inputs(gen, dtype, n_tasks, n)
     grad_out = torch.randn(n, generator=gen).to(device=DEVICE, dtype=dtype)
-    offsets = _offsets([n])
+    offsets = offsets_of([n])
     dw = _run_backward(kernels, kernels.build_chunk_plan(offsets, 1024, DEVICE), grad_out, tau, w)
     assert_w_gradient_close(dw, *w_gradient_reference(base, tau, w, offsets, grad_out)[1:])
 
@@ -96,7 +92,7 @@ def test_grouped_kernels_handle_many_odd_sized_tensors(kernels, gen, dtype):
     # Block 64 with a reduction step of 4 partials: tensors span several blocks, share blocks
     # with neighbours, and need several second-stage steps; sizes 0 and 1 are included.
     n_tasks = 3
-    offsets = _offsets(ODD_GROUP_SIZES)
+    offsets = offsets_of(ODD_GROUP_SIZES)
     n = int(offsets[-1])
     base, tau, w = _inputs(gen, dtype, n_tasks, n, n_tensors=len(ODD_GROUP_SIZES))
     grad_out = torch.randn(n, generator=gen).to(device=DEVICE, dtype=dtype)
@@ -110,7 +106,7 @@ def test_grouped_kernels_handle_many_odd_sized_tensors(kernels, gen, dtype):
 
 
 def test_backward_is_bitwise_identical_run_to_run(kernels, gen):
-    offsets = _offsets(ODD_GROUP_SIZES)
+    offsets = offsets_of(ODD_GROUP_SIZES)
     n = int(offsets[-1])
     _, tau, w = _inputs(gen, torch.bfloat16, 5, n, n_tensors=len(ODD_GROUP_SIZES))
     grad_out = torch.randn(n, generator=gen).to(device=DEVICE, dtype=torch.bfloat16)
@@ -132,7 +128,7 @@ def test_weighted_sum_triton_autograd_matches_reference(kernels, gen, dtype):
     assert out.shape == shape and out.dtype == dtype
     assert _rel_err(out, ref) < FORWARD_RTOL[dtype]
     assert w.grad.dtype == torch.float32
-    one_tensor = _offsets([base.numel()])
+    one_tensor = offsets_of([base.numel()])
     _, ref_dw, scale = w_gradient_reference(
         base.flatten(), taus.flatten(1), w[:, None], one_tensor, grad_out.flatten()
     )
@@ -140,7 +136,7 @@ def test_weighted_sum_triton_autograd_matches_reference(kernels, gen, dtype):
 
 
 def test_grouped_weighted_sum_triton_autograd_matches_reference(kernels, gen):
-    offsets = _offsets(ODD_GROUP_SIZES)
+    offsets = offsets_of(ODD_GROUP_SIZES)
     n = int(offsets[-1])
     base, tau, w = _inputs(gen, torch.bfloat16, 4, n, n_tensors=len(ODD_GROUP_SIZES))
     w.requires_grad_()
@@ -158,7 +154,7 @@ def test_w_gradient_keeps_its_precision_for_saturated_coefficients(kernels, gen,
     # 1 - tanh(w)^2 in float32 loses 2 ulps / sech(w)^2 (1e-5 relative at |w| = 3, all at 9);
     # the slope must come from w itself.
     n_tasks, sizes = 2, [64] * 19
-    offsets = _offsets(sizes)
+    offsets = offsets_of(sizes)
     base, tau, _ = _inputs(gen, torch.float32, n_tasks, int(offsets[-1]))
     w = torch.linspace(-9.0, 9.0, len(sizes)).repeat(n_tasks, 1).to(DEVICE).requires_grad_()
     grad_out = torch.randn(base.shape, generator=gen).to(DEVICE)

@@ -118,7 +118,7 @@ def run(config: Path, ranks: int, steps: int, gather: str, offload: str, env: di
 def nvme_read_bandwidth(folder: Path, nbytes: int, block: int = 64 << 20) -> float:
     """Bytes per second DeepSpeed's aio handle reads from a file of `nbytes` in `folder` (O_DIRECT,
     so not the page cache), in blocks of `block` bytes: the floor the NVMe store is held to."""
-    from supermerge.distributed.nvme_store import aio_handle
+    from supermerge.distributed.stores.nvme import aio_handle
 
     handle = aio_handle()
     buffer = handle.new_cpu_locked_tensor(block, torch.empty(0, dtype=torch.uint8))

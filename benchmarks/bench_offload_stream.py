@@ -39,12 +39,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_distributed import nvme_read_bandwidth  # noqa: E402
-from supermerge.coefficients import CoefficientLayout  # noqa: E402
 from supermerge.distributed.body import ShardedBody  # noqa: E402
 from supermerge.distributed.comm import Comm  # noqa: E402
-from supermerge.distributed.nvme_store import NvmeShardStore  # noqa: E402
 from supermerge.distributed.plan import ShardPlan  # noqa: E402
-from supermerge.distributed.zero_store import ZeroShardStore  # noqa: E402
+from supermerge.distributed.stores.nvme import NvmeShardStore  # noqa: E402
+from supermerge.distributed.stores.zero import ZeroShardStore  # noqa: E402
+from supermerge.learned.coefficients import CoefficientLayout  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -134,9 +134,17 @@ def main() -> None:
         for offload in args.offload.split(","):
             numels = [numel] * args.tensors
             plan = ShardPlan(
-                source.names, numels, tasks, 1, 1, dtype.itemsize, 4, args.tensors, offload,
+                names=source.names,
+                numels=numels,
+                tasks=tasks,
+                ranks=1,
+                task_groups=1,
+                storage_itemsize=dtype.itemsize,
+                base_itemsize=4,
+                columns=args.tensors,
+                offload=offload,
                 prefetch_elements=args.prefetch,
-            )  # fmt: skip
+            )
             if offload == "cpu":
                 store = ZeroShardStore.build(source, plan, 0, dtype, device, args.prefetch)
                 group_bytes = args.k * max(args.prefetch, numel) * dtype.itemsize

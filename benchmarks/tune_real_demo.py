@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from supermerge.config import config_from_dict
-from supermerge.evaluate import evaluate_model
-from supermerge.finetune import HEAD, FinetuneConfig, default_base, finetune_suite
-from supermerge.suite import build_builtin_suite
-from supermerge.tasks import TaskFile, read_suite
+from supermerge.demo.evaluate import evaluate_model
+from supermerge.demo.finetune import HEAD, FinetuneConfig, default_base, finetune_suite
+from supermerge.demo.suite import build_builtin_suite
+from supermerge.io.taskfile import TaskFile, read_suite
 
 ROOT = Path("runs/tune").resolve()
 
@@ -78,7 +78,7 @@ class DevEval:
     def __init__(self, lm, tasks: dict[str, TaskFile], max_length: int) -> None:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(lm.base.path)
+        tok = AutoTokenizer.from_pretrained(lm.source.base.path)
         self.lm, self.batches = lm, {}
         for name in lm.tasks:
             examples = tasks[name].splits["test"]
@@ -106,12 +106,13 @@ class DevEval:
 
 
 def cmd_sweep(args, tasks) -> None:
-    from supermerge.coefficients import CoefficientLayout
-    from supermerge.learned_merge import LearnedMerge
-    from supermerge.merged_body import MergedBody
-    from supermerge.store import TaskVectorStore
-    from supermerge.taskvectors import TaskVectorSource
-    from supermerge.trainer import CoefficientTrainer, TrainConfig
+    from supermerge.learned.body import MergedBody
+    from supermerge.learned.coefficients import CoefficientLayout
+    from supermerge.learned.trainer import CoefficientTrainer
+    from supermerge.learned_merge import load_inputs
+    from supermerge.methods.learned import TrainConfig
+    from supermerge.taskvectors.source import TaskVectorSource
+    from supermerge.taskvectors.store import TaskVectorStore
 
     paths = experts_for(tasks, args.epochs[0], args.lr[0], args.tasks)
     config = {
@@ -122,9 +123,9 @@ def cmd_sweep(args, tasks) -> None:
         "method": {"name": args.method},
         "output": "sweep-out",
     }
-    lm = LearnedMerge(config_from_dict(config, ROOT), overwrite=True, progress=False)
+    lm = load_inputs(config_from_dict(config, ROOT), torch.device("cpu"))
     dev = DevEval(lm, tasks, args.max_length)
-    source = TaskVectorSource(lm.base, list(lm.leaf_source.experts), lm.cfg.heads)
+    source = TaskVectorSource(lm.source.base, list(lm.source.experts), lm.cfg.heads)
     store = TaskVectorStore.build(source, torch.float32, lm.device, False)
     blocks = [r"encoder\.layer\.\d+\."]
     for granularity in args.granularity:
@@ -157,7 +158,7 @@ def _mean(d: dict[str, float]) -> float:
 
 
 def cmd_demo(args, tasks) -> None:
-    from supermerge.demo import QUICK, REAL, RealDemoSettings, real_demo_suite, run_demo
+    from supermerge.demo.run import QUICK, REAL, RealDemoSettings, real_demo_suite, run_demo
 
     defaults = QUICK if args.quick else REAL
     settings = RealDemoSettings(

@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import faulthandler
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -24,6 +23,7 @@ log = logging.getLogger("supermerge")
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from supermerge.config import load_config
+    from supermerge.distributed.launch import Launch
     from supermerge.learned_merge import run_learned_merge
     from supermerge.merge import run_merge
 
@@ -31,21 +31,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if cfg.learned:
         summary = run_learned_merge(cfg, args.overwrite, args.resume, progress=not args.quiet)
     elif args.resume:
-        raise SupermergeError(f"--resume applies to learned methods only, not '{cfg.method}'")
+        raise SupermergeError(f"--resume applies to learned methods only, not '{cfg.method.name}'")
     else:
         summary = run_merge(cfg, overwrite=args.overwrite, progress=not args.quiet)
-    if os.environ.get("RANK", "0") == "0":  # one line per job, not per rank
+    if Launch.from_env().rank == 0:  # one line per job, not per rank
         print(summary.line())
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from supermerge.config import load_config
-    from supermerge.distributed.plan import describe_job
+    from supermerge.learned_merge import describe_job
 
     cfg = load_config(args.config)
     if not cfg.learned:
-        raise SupermergeError(f"{args.config}: plan applies to learned methods, not '{cfg.method}'")
+        raise SupermergeError(f"{args.config}: plan applies to learned methods, not '{cfg.method.name}'")
     print(describe_job(cfg, args.ranks))
     return 0
 
@@ -56,20 +56,19 @@ def _default(f: dataclasses.Field) -> object:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     from supermerge.methods import REGISTRY
-    from supermerge.methods.base import YAML_ALIASES
     from supermerge.methods.learned import LEARNED
+    from supermerge.schema import YAML_NAMES
 
-    yaml_name = {v: k for k, v in YAML_ALIASES.items()}
     for name, cls in sorted({**REGISTRY, **LEARNED}.items()):
         params = ", ".join(
-            f"{yaml_name.get(f.name, f.name)}={_default(f)!r}" for f in dataclasses.fields(cls.Params)
+            f"{YAML_NAMES.get(f.name, f.name)}={_default(f)!r}" for f in dataclasses.fields(cls.Params)
         )
         print(f"{name:16s} {cls.__doc__.splitlines()[0]}\n{'':16s} parameters: {params}")
     return 0
 
 
 def _suite(args: argparse.Namespace) -> dict:
-    from supermerge.tasks import read_suite
+    from supermerge.io.taskfile import read_suite
 
     tasks = read_suite(args.suite)
     if args.tasks:
@@ -83,7 +82,7 @@ def _suite(args: argparse.Namespace) -> dict:
 def cmd_suite(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from supermerge.suite import build_builtin_suite
+    from supermerge.demo.suite import build_builtin_suite
 
     print(build_builtin_suite(Path(args.cache), progress=not args.quiet))
     return 0
@@ -92,7 +91,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from supermerge.finetune import FinetuneConfig, default_base, finetune_suite
+    from supermerge.demo.finetune import FinetuneConfig, default_base, finetune_suite
 
     cfg = FinetuneConfig(args.epochs, args.lr, args.batch_size, args.max_length, args.train_size, args.seed)
     base = Path(args.base) if args.base else default_base()
@@ -106,10 +105,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from supermerge.evaluate import evaluate_model
+    from supermerge.demo.evaluate import evaluate_model
 
-    accuracy = evaluate_model(args.model, _suite(args), args.split, max_length=args.max_length,
-                              device=args.device, progress=not args.quiet)  # fmt: skip
+    accuracy = evaluate_model(
+        args.model,
+        _suite(args),
+        args.split,
+        max_length=args.max_length,
+        device=args.device,
+        progress=not args.quiet,
+    )
     for task, value in accuracy.items():
         print(f"{task:16s} {value:.4f}")
     if accuracy:
@@ -120,7 +125,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from supermerge.demo import run_demo
+    from supermerge.demo.run import run_demo
 
     if args.toy and args.quick:
         raise SupermergeError("--quick applies to the real suite, not --toy")

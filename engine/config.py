@@ -1,4 +1,4 @@
-"""The merge configuration: one YAML file, validated into a `MergeConfig`.
+"""The merge configuration: one YAML file, validated once into a frozen `MergeConfig`.
 
     base: path/to/base            # HF model folder, .safetensors file or torch state_dict file
     experts:                      # one entry per task expert, in task order
@@ -6,12 +6,12 @@
         path: path/to/expert      # same formats as base
         weight: 1.0               # optional per-expert override of method.weight
         density: 0.5              # optional per-expert override of method.density
-        data: path/to/noun.jsonl  # validation data (learned methods; see supermerge.data)
+        data: path/to/noun.jsonl  # validation data (learned methods; see supermerge.learned.data)
     method:
       name: ties                  # average | task_arithmetic | ties | dare_linear | dare_ties
       density: 0.5                # | supermerge | adamerging; parameters: `supermerge methods`
       lambda: 1.0
-    model:                        # learned methods: how logits are computed (task_models)
+    model:                        # learned methods: how logits are computed (ModelSpec)
       kind: hf_encoder            # hf_encoder | torch_module
       factory: null               # torch_module: "package.module:function" -> nn.Module
       head: classifier            # hf_encoder: head tensors <head>.weight / <head>.bias
@@ -35,14 +35,16 @@
       timeout_s: 300              # a collective waits this long for a silent rank
       prefetch_elements: 4194304  # offload: elements per streamed layer group (two are staged)
 
-Relative paths are resolved against the YAML file's folder.
+Every block is a frozen dataclass below (the method block: the method's own `Params`, in
+`supermerge.methods`), parsed by `supermerge.schema.parse_block`. Relative paths are resolved
+against the YAML file's folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,56 +53,139 @@ import torch
 import yaml
 
 from supermerge.errors import ConfigError, InputError
-from supermerge.methods import build_method
-from supermerge.methods.base import parse_params
+from supermerge.methods import REGISTRY, ExpertParams, resolve_experts
 from supermerge.methods.learned import LEARNED
-from supermerge.task_models import ModelSpec
+from supermerge.schema import parse_block
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TOP_LEVEL = {
-    "base", "experts", "method", "heads", "output", "dtype", "device", "shard_size", "seed",
-    "model", "data_dir", "distributed",
-}  # fmt: skip
-EXPERT_FIELDS = {"name", "path", "weight", "density", "data"}
 DATA_SUFFIXES = (".jsonl", ".pt", ".safetensors")
+MODEL_KINDS = ("hf_encoder", "torch_module")
+OFFLOAD_TARGETS = ("none", "cpu", "nvme")
 GATHER_MODES = ("body", "layer")
-SIZE_UNITS = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+DEFAULT_TIMEOUT_S = 300.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExpertSpec:
-    """One expert entry: task name, checkpoint path and per-expert method overrides."""
+    """One `experts:` entry.
 
-    name: str
+    Attributes:
+        path: the expert's checkpoint (HF folder, .safetensors or torch state_dict file).
+        name: task name (default: the path's stem).
+        weight, density: per-expert overrides of the method's parameters (None: the method's).
+        data: the task's validation data (learned methods).
+    """
+
     path: Path
-    overrides: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+    weight: float | None = None
+    density: float | None = None
     data: Path | None = None
+
+    @property
+    def overrides(self) -> dict[str, float]:
+        """The per-expert method parameters this entry sets."""
+        return {k: v for k, v in (("weight", self.weight), ("density", self.density)) if v is not None}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The `model:` block: how a learned merge computes a task's logits.
+
+    Attributes:
+        kind: "hf_encoder" or "torch_module".
+        factory: "package.module:function" returning the nn.Module (torch_module only).
+        head: name prefix of the per-task linear head (hf_encoder).
+        pooling: "mean" or "cls" (hf_encoder).
+        max_length: tokenizer truncation length in tokens (hf_encoder).
+    """
+
+    kind: str = "hf_encoder"
+    factory: str | None = None
+    head: str = "classifier"
+    pooling: str = "mean"
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"kind: must be one of {MODEL_KINDS}, got {self.kind!r}")
+        if self.kind == "torch_module" and not self.factory:
+            raise ValueError("factory: torch_module needs a factory 'package.module:function'")
+        if self.pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling: must be 'mean' or 'cls', got {self.pooling!r}")
 
 
 @dataclass(frozen=True)
 class DistributedSpec:
-    """The YAML's `distributed:` block (see the module docstring)."""
+    """The `distributed:` block (see the module docstring); gather_ahead None means 1 in layer
+    mode and 0 in body mode (where it does not apply)."""
 
     task_groups: int = 1
     offload: str = "none"
     nvme_path: Path | None = None
     gather: str = "body"
-    memory_per_rank: int = 0
-    timeout_s: float = 300.0
+    gather_ahead: int | None = None
+    memory_per_rank: int = field(default=0, metadata={"size": True})
+    timeout_s: float = DEFAULT_TIMEOUT_S
     prefetch_elements: int = 2**22
-    gather_ahead: int = 1
+
+    def __post_init__(self) -> None:
+        if self.task_groups < 1:
+            raise ValueError(f"task_groups: expected a positive integer, got {self.task_groups}")
+        if self.offload not in OFFLOAD_TARGETS:
+            raise ValueError(f"offload: expected one of {', '.join(OFFLOAD_TARGETS)}, got {self.offload!r}")
+        if self.offload == "nvme" and self.nvme_path is None:
+            raise ValueError("nvme_path: offload nvme needs a folder on the NVMe drive")
+        if self.offload == "nvme" and not self.nvme_path.is_dir():
+            raise ValueError(f"nvme_path: {self.nvme_path} is not an existing folder")
+        if self.offload != "nvme" and self.nvme_path is not None:
+            raise ValueError(f"nvme_path: only used with offload nvme (offload is {self.offload})")
+        if self.gather not in GATHER_MODES:
+            raise ValueError(f"gather: expected body or layer, got {self.gather!r}")
+        if self.gather_ahead is not None and self.gather != "layer":
+            raise ValueError(f"gather_ahead: only used with gather layer (gather is {self.gather})")
+        if self.gather_ahead is not None and self.gather_ahead < 0:
+            raise ValueError(f"gather_ahead: expected an integer >= 0, got {self.gather_ahead}")
+        if self.gather_ahead is None:
+            object.__setattr__(self, "gather_ahead", 1 if self.gather == "layer" else 0)
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s: expected a positive number, got {self.timeout_s}")
+        if self.prefetch_elements < 1:
+            raise ValueError(f"prefetch_elements: expected a positive integer, got {self.prefetch_elements}")
 
 
-@dataclass
+@dataclass(frozen=True)
+class MethodSpec:
+    """The `method:` block, parsed.
+
+    Attributes:
+        name: registered method name.
+        params: the method's `Params` dataclass, validated.
+        experts: training-free methods: each expert's resolved weight / density (empty for
+            learned methods).
+        given: the block as written (without `name`), kept for the output's record.
+    """
+
+    name: str
+    params: Any
+    experts: tuple[ExpertParams, ...] = ()
+    given: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def learned(self) -> bool:
+        """True for methods that train coefficients (supermerge, adamerging)."""
+        return self.name in LEARNED
+
+
+@dataclass(frozen=True)
 class MergeConfig:
     """A validated merge configuration (see the module docstring for the YAML)."""
 
     base: Path
-    experts: list[ExpertSpec]
-    method: str
-    method_params: dict[str, Any]
+    experts: tuple[ExpertSpec, ...]
+    method: MethodSpec
     output: Path
-    heads: list[str] = field(default_factory=list)
+    heads: tuple[str, ...] = ()
     dtype: torch.dtype | None = None
     device: str = "cpu"
     shard_size: int = 2 * 2**30
@@ -111,208 +196,147 @@ class MergeConfig:
 
     @property
     def learned(self) -> bool:
-        """True for methods that train coefficients (supermerge, adamerging)."""
-        return self.method in LEARNED
+        return self.method.learned
 
-    def expert_entries(self) -> list[dict[str, Any]]:
-        """Experts as mappings (name + overrides), the shape `build_method` takes."""
-        return [{"name": e.name, **e.overrides} for e in self.experts]
-
-
-def parse_size(value: Any, where: str, source: Path | None = None) -> int:
-    """'2GB' / '512MB' / 1048576 -> bytes."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B?)\s*", str(value).upper())
-    if not match or float(match.group(1)) <= 0:
-        raise ConfigError(where, f"expected a size like 2GB or 512MB, got {value!r}", source)
-    unit = match.group(2) if match.group(2).endswith("B") or not match.group(2) else match.group(2) + "B"
-    return int(float(match.group(1)) * SIZE_UNITS[unit])
+    def record(self) -> dict:
+        """The config as JSON-friendly data, kept beside the merged model for provenance."""
+        params = dataclasses.asdict(self.method.params) if self.learned else dict(self.method.given)
+        return {
+            "base": str(self.base),
+            "experts": [{"name": e.name, "path": str(e.path), **e.overrides} for e in self.experts],
+            "method": {"name": self.method.name, **params},
+            "heads": list(self.heads),
+            "dtype": str(self.dtype).removeprefix("torch.") if self.dtype else None,
+            "seed": self.seed,
+        }
 
 
-def _require(raw: dict, key: str, kind: type | tuple[type, ...], where: str, source: Path | None):
-    if key not in raw or raw[key] is None:
-        raise ConfigError(where, "missing required field", source)
-    if not isinstance(raw[key], kind):
-        raise ConfigError(where, f"expected {getattr(kind, '__name__', kind)}, got {raw[key]!r}", source)
-    return raw[key]
+@dataclass(frozen=True)
+class _TopLevel:
+    """The top-level keys and their plain types (blocks are parsed on their own below)."""
+
+    base: Path | None = None
+    experts: list | None = None
+    method: Any = None
+    output: Path | None = None
+    heads: list = field(default_factory=list)
+    dtype: str | None = None
+    device: str = "cpu"
+    shard_size: int = field(default=2 * 2**30, metadata={"size": True})
+    seed: int = 0
+    model: Any = None
+    data_dir: Path | None = None
+    distributed: Any = None
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(h, str) for h in self.heads):
+            raise ValueError("heads: expected a list of name patterns")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype: unknown dtype {self.dtype!r} (known: {', '.join(DTYPES)})")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device: expected cpu, cuda or cuda:N, got {self.device!r}")
 
 
-def config_from_dict(raw: Any, root: Path, source: Path | None = None) -> MergeConfig:
-    """Validate a parsed YAML mapping into a MergeConfig; paths resolve against `root`."""
-    if not isinstance(raw, dict):
-        raise ConfigError("<top>", "the config must be a mapping", source)
-    for key in raw:
-        if key not in TOP_LEVEL:
-            raise ConfigError(key, f"unknown field (known: {', '.join(sorted(TOP_LEVEL))})", source)
+def _required(value: Any, where: str) -> Any:
+    if value is None:
+        raise ConfigError(where, "missing required field")
+    return value
 
-    def path(value: str) -> Path:
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else root / p
 
-    base = path(_require(raw, "base", str, "base", source))
-    experts_raw = _require(raw, "experts", list, "experts", source)
-    if not experts_raw:
-        raise ConfigError("experts", "needs at least one expert", source)
+def _experts(raw: list, root: Path) -> tuple[ExpertSpec, ...]:
+    if not raw:
+        raise ConfigError("experts", "needs at least one expert")
     experts: list[ExpertSpec] = []
-    for i, entry in enumerate(experts_raw):
+    for i, entry in enumerate(raw):
         where = f"experts[{i}]"
         if isinstance(entry, str):
             entry = {"path": entry}
         if not isinstance(entry, dict):
-            raise ConfigError(where, "expected a mapping with 'path' (and 'name')", source)
-        for key in entry:
-            if key not in EXPERT_FIELDS:
-                raise ConfigError(
-                    f"{where}.{key}",
-                    f"unknown field (known: {', '.join(sorted(EXPERT_FIELDS))})",
-                    source,
-                )
-        p = path(_require(entry, "path", str, f"{where}.path", source))
-        name = str(entry.get("name") or p.stem)
-        if name in {e.name for e in experts}:
-            raise ConfigError(f"{where}.name", f"duplicate expert name '{name}'", source)
-        overrides = {k: v for k, v in entry.items() if k in ("weight", "density")}
-        data = entry.get("data")
-        if data is not None and not isinstance(data, str):
-            raise ConfigError(f"{where}.data", f"expected a path, got {data!r}", source)
-        experts.append(ExpertSpec(name, p, overrides, path(data) if data else None))
+            raise ConfigError(where, "expected a mapping with 'path' (and 'name')")
+        _required(entry.get("path"), f"{where}.path")
+        spec = parse_block(ExpertSpec, entry, where, root)
+        spec = dataclasses.replace(spec, name=str(spec.name or spec.path.stem))
+        if spec.name in {e.name for e in experts}:
+            raise ConfigError(f"{where}.name", f"duplicate expert name '{spec.name}'")
+        experts.append(spec)
+    return tuple(experts)
 
-    method_raw = _require(raw, "method", (dict, str), "method", source)
-    if isinstance(method_raw, str):
-        method_raw = {"name": method_raw}
-    method = _require(method_raw, "name", str, "method.name", source)
-    method_params = {k: v for k, v in method_raw.items() if k != "name"}
-    try:  # validate the method and its parameters now, not after the first tensor
-        if method in LEARNED:
-            parse_params(LEARNED[method], method_params, "method")
-            _attach_data(experts, raw.get("data_dir"), path)
-        else:
-            build_method(method, method_params, [{"name": e.name, **e.overrides} for e in experts])
-        model = _model_spec(raw.get("model") or {})
+
+def _method(raw: Any, experts: tuple[ExpertSpec, ...]) -> MethodSpec:
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError("method", f"expected a mapping, got {raw!r}")
+    name = _required(raw.get("name"), "method.name")
+    given = {k: v for k, v in raw.items() if k != "name"}
+    cls = REGISTRY.get(name) or LEARNED.get(name)
+    if cls is None:
+        known = ", ".join(sorted([*REGISTRY, *LEARNED]))
+        raise ConfigError("method.name", f"unknown method '{name}' (known: {known})")
+    params = parse_block(cls.Params, given, "method", owner=name)
+    if name in LEARNED:
+        return MethodSpec(name, params, given=given)
+    entries = [{"name": e.name, **e.overrides} for e in experts]
+    return MethodSpec(name, params, tuple(resolve_experts(cls, params, entries)), given)
+
+
+def _with_data(experts: tuple[ExpertSpec, ...], data_dir: Path | None) -> tuple[ExpertSpec, ...]:
+    """Every expert with its validation file: its own `data`, or `<data_dir>/<task>.<suffix>`.
+
+    Every task needs data, and every file in data_dir must belong to a task.
+    """
+    files: dict[str, Path] = {}
+    if data_dir is not None:
+        if not data_dir.is_dir():
+            raise ConfigError("data_dir", f"{data_dir}: no such folder")
+        files = {p.stem: p for p in sorted(data_dir.iterdir()) if p.suffix in DATA_SUFFIXES}
+        strays = sorted(set(files) - {e.name for e in experts})
+        if strays:
+            raise ConfigError("data_dir", f"{files[strays[0]]}: task '{strays[0]}' has data but no expert")
+    result = []
+    for i, e in enumerate(experts):
+        data = e.data or files.get(e.name)
+        if data is None:
+            raise ConfigError(
+                f"experts[{i}].data", f"task '{e.name}' has no validation data (set data or data_dir)"
+            )
+        result.append(dataclasses.replace(e, data=data))
+    return tuple(result)
+
+
+def config_from_dict(raw: Any, root: Path, source: Path | None = None) -> MergeConfig:
+    """Validate a parsed YAML mapping into a MergeConfig; paths resolve against `root`.
+
+    Errors name the file (`source`) and the dotted field at fault.
+    """
+    try:
+        if not isinstance(raw, dict):
+            raise ConfigError("<top>", "the config must be a mapping")
+        top = parse_block(_TopLevel, raw, "<top>", root)
+        base = _required(top.base, "base")
+        experts = _experts(_required(top.experts, "experts"), root)
+        method = _method(_required(top.method, "method"), experts)
+        if method.learned:
+            experts = _with_data(experts, top.data_dir)
+        model = parse_block(ModelSpec, top.model, "model")
+        output = _required(top.output, "output")
+        distributed = parse_block(DistributedSpec, top.distributed, "distributed", root)
     except ConfigError as e:
-        raise ConfigError(e.field, e.message, source) from None
-
-    heads = raw.get("heads") or []
-    if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
-        raise ConfigError("heads", "expected a list of name patterns", source)
-    dtype_name = raw.get("dtype")
-    if dtype_name is not None and dtype_name not in DTYPES:
-        raise ConfigError("dtype", f"unknown dtype {dtype_name!r} (known: {', '.join(DTYPES)})", source)
-    device = str(raw.get("device", "cpu"))
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise ConfigError("device", f"expected cpu, cuda or cuda:N, got {device!r}", source)
-    seed = raw.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigError("seed", f"expected an integer, got {seed!r}", source)
+        raise ConfigError(e.field.removeprefix("<top>."), e.message, source) from None
     return MergeConfig(
         base=base,
         experts=experts,
         method=method,
-        method_params=method_params,
-        output=path(_require(raw, "output", str, "output", source)),
-        heads=heads,
-        dtype=DTYPES[dtype_name] if dtype_name else None,
-        device=device,
-        shard_size=parse_size(raw.get("shard_size", "2GB"), "shard_size", source),
-        seed=seed,
+        output=output,
+        heads=tuple(top.heads),
+        dtype=DTYPES[top.dtype] if top.dtype else None,
+        device=top.device,
+        shard_size=top.shard_size,
+        seed=top.seed,
         source=source,
         model=model,
-        distributed=_distributed_spec(raw.get("distributed") or {}, path, source),
+        distributed=distributed,
     )
-
-
-def _distributed_spec(raw: Any, path: Callable[[str], Path], source: Path | None) -> DistributedSpec:
-    if not isinstance(raw, dict):
-        raise ConfigError("distributed", f"expected a mapping, got {raw!r}", source)
-    fields = {f.name for f in dataclasses.fields(DistributedSpec)}
-    for key in raw:
-        if key not in fields:
-            raise ConfigError(
-                f"distributed.{key}", f"unknown field (known: {', '.join(sorted(fields))})", source
-            )
-    groups = raw.get("task_groups", 1)
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ConfigError("distributed.task_groups", f"expected a positive integer, got {groups!r}", source)
-    offload = raw.get("offload", "none")
-    if offload not in ("none", "cpu", "nvme"):
-        raise ConfigError("distributed.offload", f"expected none, cpu or nvme, got {offload!r}", source)
-    nvme = raw.get("nvme_path")
-    if nvme is not None and not isinstance(nvme, str):
-        raise ConfigError("distributed.nvme_path", f"expected a folder path, got {nvme!r}", source)
-    problem = None  # checked before any work, not after the stores are half built
-    if offload == "nvme" and nvme is None:
-        problem = "offload nvme needs a folder on the NVMe drive"
-    elif offload == "nvme" and not path(nvme).is_dir():
-        problem = f"{path(nvme)} is not an existing folder"
-    elif offload != "nvme" and nvme is not None:
-        problem = f"only used with offload nvme (offload is {offload})"
-    if problem:
-        raise ConfigError("distributed.nvme_path", problem, source)
-    gather = raw.get("gather", "body")
-    if gather not in GATHER_MODES:
-        raise ConfigError("distributed.gather", f"expected body or layer, got {gather!r}", source)
-    ahead = raw.get("gather_ahead", 1)
-    if not isinstance(ahead, int) or isinstance(ahead, bool) or ahead < 0:
-        raise ConfigError("distributed.gather_ahead", f"expected an integer >= 0, got {ahead!r}", source)
-    if "gather_ahead" in raw and gather != "layer":
-        raise ConfigError(
-            "distributed.gather_ahead", f"only used with gather layer (gather is {gather})", source
-        )
-    budget = raw.get("memory_per_rank")
-    timeout = raw.get("timeout_s", 300.0)
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
-        raise ConfigError("distributed.timeout_s", f"expected a positive number, got {timeout!r}", source)
-    prefetch = raw.get("prefetch_elements", 2**22)
-    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 1:
-        raise ConfigError(
-            "distributed.prefetch_elements", f"expected a positive integer, got {prefetch!r}", source
-        )
-    return DistributedSpec(
-        groups, offload, path(nvme) if nvme else None, gather,
-        parse_size(budget, "distributed.memory_per_rank", source) if budget is not None else 0,
-        float(timeout), prefetch, ahead,
-    )  # fmt: skip
-
-
-def _model_spec(raw: Any) -> ModelSpec:
-    if not isinstance(raw, dict):
-        raise ConfigError("model", f"expected a mapping, got {raw!r}")
-    fields = {f.name for f in dataclasses.fields(ModelSpec)}
-    for key in raw:
-        if key not in fields:
-            raise ConfigError(f"model.{key}", f"unknown field (known: {', '.join(sorted(fields))})")
-    try:
-        return ModelSpec(**raw)
-    except (TypeError, ValueError) as e:
-        key, _, message = str(e).partition(": ")
-        raise ConfigError(f"model.{key}" if key in fields else "model", message or str(e)) from None
-
-
-def _attach_data(experts: list[ExpertSpec], data_dir: Any, path: Callable[[str], Path]) -> None:
-    """Give every expert its validation file: its own `data`, or `<data_dir>/<task>.<suffix>`.
-
-    Every task needs data, and every file in data_dir must belong to a task.
-    """
-    if data_dir is not None:
-        if not isinstance(data_dir, str):
-            raise ConfigError("data_dir", f"expected a path, got {data_dir!r}")
-        folder = path(data_dir)
-        if not folder.is_dir():
-            raise ConfigError("data_dir", f"{folder}: no such folder")
-        files = {p.stem: p for p in sorted(folder.iterdir()) if p.suffix in DATA_SUFFIXES}
-        names = {e.name for e in experts}
-        strays = sorted(set(files) - names)
-        if strays:
-            raise ConfigError("data_dir", f"{files[strays[0]]}: task '{strays[0]}' has data but no expert")
-        for e in experts:
-            if e.data is None and e.name in files:
-                e.data = files[e.name]
-    for i, e in enumerate(experts):
-        if e.data is None:
-            raise ConfigError(
-                f"experts[{i}].data", f"task '{e.name}' has no validation data (set data or data_dir)"
-            )
 
 
 def load_config(path: str | Path) -> MergeConfig:

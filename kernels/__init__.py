@@ -1,7 +1,9 @@
-"""Fused tanh-weighted sums of task vectors (Triton on CUDA, torch reference elsewhere).
+"""Fused tanh-weighted sums of task vectors (Triton on CUDA, memory-lean torch elsewhere).
 
 Public API: :func:`weighted_sum`, :func:`grouped_weighted_sum` and their pure-torch references.
-Triton is imported only when the Triton implementation is selected.
+Without Triton the grouped sum runs `torch_grouped` (the reference where base or tau need a
+gradient) and the one-tensor sum runs the reference. Triton is imported only when the Triton
+implementation is selected.
 """
 
 from supermerge.kernels.dispatch import (

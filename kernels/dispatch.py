@@ -7,7 +7,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from supermerge.kernels.reference import grouped_weighted_sum_reference, weighted_sum_reference
+from supermerge.kernels.reference import (
+    check_weighted_sum_shapes,
+    grouped_weighted_sum_reference,
+    weighted_sum_reference,
+)
 from supermerge.kernels.torch_grouped import grouped_weighted_sum_torch
 
 Impl = Literal["auto", "torch", "triton"]
@@ -112,11 +116,7 @@ def weighted_sum(base: Tensor, taus: Tensor, w: Tensor, impl: str = "auto") -> T
         ``[*shape]`` merged parameter in ``base.dtype`` (float32 accumulation), differentiable
         w.r.t. ``w``.
     """
-    if taus.shape[1:] != base.shape or w.shape != taus.shape[:1]:
-        raise ValueError(
-            f"expected base [*s], taus [k, *s], w [k]; got {tuple(base.shape)}, "
-            f"{tuple(taus.shape)}, {tuple(w.shape)}"
-        )
+    check_weighted_sum_shapes(base, taus, w)
     if select_impl(impl, base.device) == "torch":
         return weighted_sum_reference(base, taus, w)
     offsets = (0, base.numel())

@@ -1,7 +1,8 @@
 """Pure-torch reference of the tanh-weighted sum of task vectors.
 
-Used on CPU and as the test oracle. Autograd through these functions gives the gradient with
-respect to every input; the fused path only differentiates ``w``.
+The test oracle. Without Triton, `weighted_sum` runs it, and so does `grouped_weighted_sum` when
+base or tau need a gradient (otherwise it runs `torch_grouped`). Autograd through these functions
+gives the gradient with respect to every input; the fused path only differentiates ``w``.
 """
 
 import functools
@@ -15,6 +16,15 @@ def _accumulation_dtype(*tensors: Tensor) -> torch.dtype:
     return functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
 
 
+def check_weighted_sum_shapes(base: Tensor, taus: Tensor, w: Tensor) -> None:
+    """Raise ValueError unless base is [*s], taus [k, *s] and w [k]."""
+    if taus.shape[1:] != base.shape or w.shape != taus.shape[:1]:
+        raise ValueError(
+            f"expected base [*s], taus [k, *s], w [k]; got {tuple(base.shape)}, "
+            f"{tuple(taus.shape)}, {tuple(w.shape)}"
+        )
+
+
 def weighted_sum_reference(base: Tensor, taus: Tensor, w: Tensor) -> Tensor:
     """``base + sum_i tanh(w_i) * taus[i]`` accumulated in float32 (float64 if any input is).
 
@@ -26,11 +36,7 @@ def weighted_sum_reference(base: Tensor, taus: Tensor, w: Tensor) -> Tensor:
     Returns:
         ``[*shape]`` merged parameter in ``base.dtype``.
     """
-    if taus.shape[1:] != base.shape or w.shape != taus.shape[:1]:
-        raise ValueError(
-            f"expected base [*s], taus [k, *s], w [k]; got {tuple(base.shape)}, "
-            f"{tuple(taus.shape)}, {tuple(w.shape)}"
-        )
+    check_weighted_sum_shapes(base, taus, w)
     acc = _accumulation_dtype(base, taus, w)
     delta = torch.tensordot(torch.tanh(w.to(acc)), taus.to(acc), dims=1)
     return (base.to(acc) + delta).to(base.dtype)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from supermerge.toy import build_toy_suite
+from supermerge.demo.toy import build_toy_suite
 from tests.jobs import assert_clean_success, run_job, write_config
 
 if not torch.cuda.is_available():  # Triton runs on the CPU only in its interpreter, set before import
@@ -57,17 +57,28 @@ def write_folder(path: Path, state: TensorDict, config: dict | None = None, shar
     return path
 
 
+SEED_ENV_VAR = "SUPERMERGE_TEST_SEED"
+
+
 @pytest.fixture
-def gen() -> torch.Generator:
-    """A freshly seeded generator; the seed is printed so that a failure can be replayed."""
-    seed = int.from_bytes(os.urandom(4), "little")
+def seed() -> int:
+    """A fresh random seed per test, or $SUPERMERGE_TEST_SEED's to replay one. It is printed, so
+    pytest shows it with a failure: rerun that test with SUPERMERGE_TEST_SEED=<seed>."""
+    seed = int(os.environ.get(SEED_ENV_VAR) or int.from_bytes(os.urandom(4), "little"))
     print(f"seed={seed}")
+    return seed
+
+
+@pytest.fixture
+def gen(seed: int) -> torch.Generator:
+    """A generator seeded with the test's `seed`."""
     return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture
-def base_state() -> TensorDict:
-    return random_state(torch.randint(0, 2**31, ()).item())
+def base_state(seed: int) -> TensorDict:
+    """Random base weights from the test's `seed` (offset: not the draws `gen` starts with)."""
+    return random_state(seed + 1)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from supermerge.toy import FACTORY
+from supermerge.demo.toy import FACTORY
 
 BIN = Path(sys.executable).parent
 LAUNCH = Path(__file__).resolve().parent.parent / "launch"

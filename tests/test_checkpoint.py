@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from supermerge.checkpoint import Checkpoint
 from supermerge.errors import InputError
+from supermerge.io.checkpoint import Checkpoint
 from tests.conftest import random_state, write_folder
 
 

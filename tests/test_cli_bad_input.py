@@ -47,7 +47,7 @@ def test_expert_missing_a_tensor(capsys, make_models, write_yaml) -> None:
 
 def test_expert_with_an_unexpected_tensor(capsys, make_models, write_yaml) -> None:
     def add(i, state):
-        state["extra.weight"] = torch.randn(3)
+        state["extra.weight"] = torch.ones(3)
 
     base, experts = make_models(edit=add)
     assert_refused(capsys, write_yaml(base, experts), "expert0", "'extra.weight'", "not in base")
@@ -56,7 +56,7 @@ def test_expert_with_an_unexpected_tensor(capsys, make_models, write_yaml) -> No
 def test_shape_mismatch(capsys, make_models, write_yaml) -> None:
     def grow(i, state):
         if i == 2:
-            state["layer.0.linear.weight"] = torch.randn(16, 17)
+            state["layer.0.linear.weight"] = torch.ones(16, 17)
 
     base, experts = make_models(edit=grow)
     assert_refused(capsys, write_yaml(base, experts), "expert2", "'layer.0.linear.weight'", "shape mismatch")

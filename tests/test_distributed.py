@@ -22,12 +22,23 @@ from tests.jobs import LAUNCH, assert_clean_success, assert_same_merge, fake_slu
 
 def make_plan(numels: list[int], k: int, ranks: int, groups: int = 1, itemsize: int = 4) -> ShardPlan:
     names = [f"t{i}" for i in range(len(numels))]
-    return ShardPlan(names, numels, [f"task{i}" for i in range(k)], ranks, groups, itemsize, 4, len(numels))
+    return ShardPlan(
+        names=names,
+        numels=numels,
+        tasks=[f"task{i}" for i in range(k)],
+        ranks=ranks,
+        task_groups=groups,
+        storage_itemsize=itemsize,
+        base_itemsize=4,
+        columns=len(numels),
+    )
 
 
 @pytest.mark.parametrize(("ranks", "groups"), [(1, 1), (2, 1), (4, 1), (4, 2), (6, 3), (8, 4)])
-def test_plan_covers_every_element_and_task_exactly_once(ranks: int, groups: int) -> None:
-    numels = [int(n) for n in torch.randint(1, 5000, (7,))]
+def test_plan_covers_every_element_and_task_exactly_once(
+    ranks: int, groups: int, gen: torch.Generator
+) -> None:
+    numels = [int(n) for n in torch.randint(1, 5000, (7,), generator=gen)]
     plan = make_plan(numels, k=5 + groups, ranks=ranks, groups=groups)
     held = torch.zeros(len(plan.tasks), plan.n, dtype=torch.int64)
     starts = [0, *torch.tensor(numels).cumsum(0).tolist()]
@@ -239,15 +250,15 @@ def test_plan_of_an_offloaded_store_counts_the_two_staged_layer_groups() -> None
     numels = [1000, 10, 3000, 10, 500]
     for offload in ("cpu", "nvme"):
         plan = ShardPlan(
-            [f"t{i}" for i in range(5)],
-            numels,
-            ["a", "b", "c"],
-            1,
-            1,
-            2,
-            4,
-            5,
-            offload,
+            names=[f"t{i}" for i in range(5)],
+            numels=numels,
+            tasks=["a", "b", "c"],
+            ranks=1,
+            task_groups=1,
+            storage_itemsize=2,
+            base_itemsize=4,
+            columns=5,
+            offload=offload,
             prefetch_elements=1005,
         )
         memory = plan.memory(0)

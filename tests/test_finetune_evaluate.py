@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from supermerge.checkpoint import Checkpoint
 from supermerge.cli import main
-from supermerge.finetune import FinetuneConfig, finetune_suite
-from supermerge.tasks import read_suite
+from supermerge.demo.finetune import FinetuneConfig, finetune_suite
+from supermerge.io.checkpoint import Checkpoint
+from supermerge.io.taskfile import read_suite
 from tests.minilm import minilm_dir
 
 POSITIVE = ["I love it", "great work", "wonderful day", "so happy", "excellent food", "nice people"]
@@ -31,6 +31,29 @@ def write_suite(folder: Path) -> Path:
                 lines.append(json.dumps({"text": f"{text} {i}", "label": label, "split": split}))
         (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     return folder
+
+
+def argmax_accuracy(model_dir: Path, task_file: Path, head_file: Path) -> float:
+    """Test accuracy computed by hand: each test row alone (no batching, no padding) through the
+    encoder, mean-pooled, through the head's `classifier.*`; class ids in the file's sorted order."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    rows = [json.loads(line) for line in task_file.read_text().splitlines()]
+    classes = sorted({r["label"] for r in rows})
+    test = [r for r in rows if r["split"] == "test"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    encoder = AutoModel.from_pretrained(model_dir).eval()
+    head = load_file(str(head_file))
+    correct = 0
+    with torch.no_grad():
+        for row in test:
+            inputs = tokenizer(row["text"], truncation=True, max_length=64, return_tensors="pt")
+            features = encoder(**inputs).last_hidden_state.mean(1)  # one row: no padding to mask
+            logits = features @ head["classifier.weight"].T + head["classifier.bias"]
+            correct += int(logits.argmax(-1)) == classes.index(row["label"])
+    return correct / len(test)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +108,10 @@ def test_merge_then_evaluate_every_task_through_the_cli(experts, tmp_path: Path,
         )
         == 0
     )
-    assert list(json.loads((tmp_path / "e.json").read_text())) == ["sentiment"]  # an expert has one head
+    expert = json.loads((tmp_path / "e.json").read_text())  # an expert has one head: its own
+    expert_dir = paths["sentiment"]
+    own_head = expert_dir / "model.safetensors"  # the expert's weights hold its head's `classifier.*`
+    assert expert == {"sentiment": argmax_accuracy(expert_dir, suite / "sentiment.jsonl", own_head)}
     doc = {
         "base": str(minilm_dir()),
         "experts": [{"name": t, "path": str(p)} for t, p in paths.items()],
@@ -113,7 +139,12 @@ def test_merge_then_evaluate_every_task_through_the_cli(experts, tmp_path: Path,
         == 0
     )
     accuracy = json.loads((tmp_path / "m.json").read_text())
-    assert set(accuracy) == {"sentiment", "question"} and all(0 <= a <= 1 for a in accuracy.values())
+    merged = tmp_path / "merged"
+    heads = merged / "heads"
+    assert accuracy == {
+        t: argmax_accuracy(merged, suite / f"{t}.jsonl", heads / f"{t}.safetensors")
+        for t in ("sentiment", "question")
+    }
     assert "mean" in capsys.readouterr().out
 
 
@@ -131,8 +162,8 @@ def test_length_sorted_trimmed_micro_batches_give_the_same_logits(experts) -> No
     import torch
     from transformers import AutoTokenizer
 
-    from supermerge.data import load_jsonl_data
-    from supermerge.task_models import HFEncoderModel, ModelSpec
+    from supermerge.learned.data import load_jsonl_data
+    from supermerge.learned.task_models import HFEncoderModel, ModelSpec
 
     suite, _, paths = experts
     ckpt = Checkpoint(paths["sentiment"])
@@ -156,7 +187,7 @@ def test_length_bucketed_batches_cover_every_example_once_with_less_padding() ->
 
     import torch
 
-    from supermerge.finetune import length_bucketed_batches
+    from supermerge.demo.finetune import length_bucketed_batches
 
     lengths = [random.Random(i).randint(3, 64) for i in range(1000)]
     batches = length_bucketed_batches(lengths, 32, torch.Generator().manual_seed(0))

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from supermerge.checkpoint import Checkpoint
 from supermerge.config import config_from_dict
+from supermerge.io.checkpoint import Checkpoint
 from supermerge.merge import run_merge
 from tests.conftest import perturbed
 from tests.minilm import finetune_minilm, minilm_dir

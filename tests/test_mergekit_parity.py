@@ -31,8 +31,8 @@ from mergekit.options import MergeOptions  # noqa: E402
 from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from supermerge.checkpoint import Checkpoint  # noqa: E402
 from supermerge.config import config_from_dict  # noqa: E402
+from supermerge.io.checkpoint import Checkpoint  # noqa: E402
 from supermerge.merge import run_merge  # noqa: E402
 from supermerge.methods import build_method  # noqa: E402
 from supermerge.methods.base import tensor_seed  # noqa: E402

@@ -13,9 +13,9 @@ K = 3
 
 
 @pytest.fixture
-def tensors() -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """A fresh random base [40, 30] and K task vectors in fp32."""
-    return torch.randn(40, 30), [torch.randn(40, 30) for _ in range(K)]
+def tensors(gen: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A fresh random base [40, 30] and K task vectors in fp32, from the test's printed seed."""
+    return torch.randn(40, 30, generator=gen), [torch.randn(40, 30, generator=gen) for _ in range(K)]
 
 
 def run(method, base: torch.Tensor, taus: list[torch.Tensor], name: str = "t") -> torch.Tensor:
@@ -83,16 +83,16 @@ def test_ties_matches_trim_elect_disjoint_mean_reference(tensors, densities) -> 
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_magnitude_trim_keeps_exactly_the_largest_fraction() -> None:
-    tau = torch.randn(1000)
+def test_magnitude_trim_keeps_exactly_the_largest_fraction(gen: torch.Generator) -> None:
+    tau = torch.randn(1000, generator=gen)
     out = magnitude_trim(tau, 0.25)
     kept = out != 0
     assert int(kept.sum()) == 250
     assert tau[kept].abs().min() >= tau[~kept].abs().max()
 
 
-def test_random_drop_is_seeded_and_keeps_about_density() -> None:
-    tau = torch.randn(200_000)
+def test_random_drop_is_seeded_and_keeps_about_density(gen: torch.Generator) -> None:
+    tau = torch.randn(200_000, generator=gen)
     a = random_drop(tau, 0.3, Rescale.NONE, seed=7)
     b = random_drop(tau, 0.3, Rescale.NONE, seed=7)
     c = random_drop(tau, 0.3, Rescale.NONE, seed=8)
@@ -103,8 +103,8 @@ def test_random_drop_is_seeded_and_keeps_about_density() -> None:
 
 
 @pytest.mark.parametrize("rescale", [Rescale.L1, Rescale.INVERSE_DENSITY])
-def test_random_drop_rescale_modes(rescale: Rescale) -> None:
-    tau = torch.randn(50_000)
+def test_random_drop_rescale_modes(rescale: Rescale, gen: torch.Generator) -> None:
+    tau = torch.randn(50_000, generator=gen)
     out = random_drop(tau, 0.4, rescale, seed=1)
     mask = out != 0
     if rescale is Rescale.L1:

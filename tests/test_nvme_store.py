@@ -1,8 +1,9 @@
 """Task-vector shards on NVMe through DeepSpeed's async I/O op (distributed.offload: nvme).
 
 These run where DeepSpeed's async_io op can be built (libaio and its headers: Debian
-`apt-get install libaio-dev`) and are skipped elsewhere, CI included: building the op takes
-about 3.5 min on 2 cores, once per machine (cached in TORCH_EXTENSIONS_DIR).
+`apt-get install libaio-dev`), CI included, since CI's machine has libaio-dev, and are skipped
+elsewhere. Building the op takes about 3.5 min on 2 cores, once per machine (cached in
+TORCH_EXTENSIONS_DIR).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from supermerge.checkpoint import Checkpoint
-from supermerge.distributed.nvme_store import NvmeShardStore
 from supermerge.distributed.plan import ShardPlan
-from supermerge.distributed.shard_store import ShardStore
-from supermerge.taskvectors import Expert, TaskVectorSource
+from supermerge.distributed.stores.nvme import NvmeShardStore
+from supermerge.distributed.stores.resident import ShardStore
+from supermerge.io.checkpoint import Checkpoint
+from supermerge.taskvectors.source import Expert, TaskVectorSource
 from tests.jobs import EXTENSIONS, assert_clean_success, assert_same_merge, run_job, write_config
 
 
@@ -47,7 +48,16 @@ def test_layer_groups_read_back_from_the_drive_equal_the_resident_shard(
     numels = [source.base.infos[n].numel for n in source.names]
     tasks = [e.name for e in source.experts]
     plan = ShardPlan(
-        list(source.names), numels, tasks, ranks, groups, 4, 4, 5, "nvme", prefetch_elements=chunk
+        names=list(source.names),
+        numels=numels,
+        tasks=tasks,
+        ranks=ranks,
+        task_groups=groups,
+        storage_itemsize=4,
+        base_itemsize=4,
+        columns=5,
+        offload="nvme",
+        prefetch_elements=chunk,
     )
     cpu = torch.device("cpu")
     for rank in range(ranks):

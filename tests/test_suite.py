@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from supermerge import suite
-from supermerge.errors import SupermergeError
-from supermerge.suite import (
+from supermerge.demo import suite
+from supermerge.demo.suite import (
     FORTUNE_LANGUAGES,
     LEXNAMES,
     MARKER_NAME,
@@ -36,7 +35,8 @@ from supermerge.suite import (
     suite_is_complete,
     write_suite,
 )
-from supermerge.tasks import read_suite
+from supermerge.errors import SupermergeError
+from supermerge.io.taskfile import TaskFile, read_suite
 
 # ----------------------------------------------------------------------------- synthetic inputs
 
@@ -115,6 +115,30 @@ def make_unpacked_tree(root: Path, per_class: int = 3) -> Path:
 
 
 SMALL = SuiteSettings(train_size=16, test_size=8, seed=0)
+
+
+def class_counts(task: TaskFile, splits: tuple[str, ...]) -> dict[str, int]:
+    counts = dict.fromkeys(task.classes, 0)
+    for split in splits:
+        for example in task.splits[split]:
+            counts[str(example.label)] += 1
+    return counts
+
+
+def assert_balanced_within_caps(name: str, task: TaskFile, settings: SuiteSettings) -> None:
+    """The builder's rule: every class of a task has the same number of train examples (the reader's
+    validation rows are carved from train, so counted with it) and of test examples, at most
+    train_size // classes and test_size // classes; when the smallest class has fewer than both
+    caps together, its examples are divided between train and test in the ratio of the caps."""
+    train, test = class_counts(task, ("train", "validation")), class_counts(task, ("test",))
+    assert len(set(train.values())) == 1 and len(set(test.values())) == 1, (name, train, test)
+    n_train, n_test = train[task.classes[0]], test[task.classes[0]]
+    cap_train, cap_test = settings.train_size // len(task.classes), settings.test_size // len(task.classes)
+    assert 1 <= n_train <= cap_train and 1 <= n_test <= cap_test, (name, n_train, n_test)
+    if (n_train, n_test) != (cap_train, cap_test):
+        share = (n_train + n_test) * cap_test / (cap_train + cap_test)
+        assert abs(n_test - share) <= 1, (name, n_train, n_test)
+
 
 # ----------------------------------------------------------------------------- parsers
 
@@ -231,6 +255,7 @@ def test_write_suite_from_a_synthetic_tree_passes_read_suite(tmp_path: Path) -> 
         if name == "langid":
             expected["en"] = 3 + 3 * len(TASK_CLASSES["topic"])  # the topic files are English too
         assert summary[name]["available"] == expected
+        assert_balanced_within_caps(name, tasks[name], SMALL)
         rows = [
             json.loads(line)
             for line in (tmp_path / "suite" / f"{name}.jsonl").read_text("utf-8").splitlines()
@@ -359,12 +384,7 @@ def test_real_builtin_suite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert sorted(tasks) == sorted(TASKS)
     for name, task in tasks.items():
         assert task.classes == sorted(TASK_CLASSES[name])
-        for split in ("train", "test"):
-            counts = {c: 0 for c in task.classes}
-            for e in task.splits[split]:
-                counts[e.label] += 1
-            if split == "test":  # train lost the carved validation examples; test is exactly balanced
-                assert len(set(counts.values())) == 1, (name, counts)
+        assert_balanced_within_caps(name, task, SuiteSettings())
         train = {e.text for s in ("train", "validation") for e in task.splits[s]}
         assert not train & {e.text for e in task.splits["test"]}
     sizes = {

@@ -11,21 +11,22 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from supermerge.checkpoint import Checkpoint
 from supermerge.cli import main
-from supermerge.coefficients import CoefficientLayout
 from supermerge.config import config_from_dict
-from supermerge.learned_merge import LearnedMerge, run_learned_merge
+from supermerge.demo.toy import FACTORY, build_toy_suite, toy_accuracy
+from supermerge.io.checkpoint import Checkpoint
+from supermerge.learned.body import MergedBody
+from supermerge.learned.coefficients import CoefficientLayout
+from supermerge.learned.trainer import CoefficientTrainer
+from supermerge.learned_merge import load_inputs, run_learned_merge
 from supermerge.merge import run_merge
-from supermerge.merged_body import MergedBody
-from supermerge.store import TaskVectorStore
-from supermerge.toy import FACTORY, build_toy_suite, toy_accuracy
-from supermerge.trainer import CoefficientTrainer
+from supermerge.taskvectors.store import TaskVectorStore
 
 
 @pytest.fixture
-def toy(tmp_path: Path):
-    return build_toy_suite(tmp_path / "suite", seed=int(torch.randint(0, 1000, ())))
+def toy_pair(tmp_path: Path, seed: int):
+    """A fresh two-task toy suite from the test's printed `seed` (conftest's `toy` has four tasks)."""
+    return build_toy_suite(tmp_path / "suite", seed=seed)
 
 
 def toy_doc(tmp_path: Path, toy, **method) -> dict:
@@ -46,15 +47,16 @@ def merged_accuracy(out: Path, test) -> dict[str, float]:
     return {t: toy_accuracy(body, load_file(str(out / "heads" / f"{t}.safetensors")), *test[t]) for t in test}
 
 
-def test_w_gradient_matches_finite_differences_in_float64(tmp_path: Path) -> None:
+def test_w_gradient_matches_finite_differences_in_float64(tmp_path: Path, gen: torch.Generator) -> None:
     """dLoss/dW through the whole step (merge, per-task losses, leaf gradient) vs central differences."""
     suite = build_toy_suite(tmp_path / "s", seed=3, n_val=16, n_test=1, dtype=torch.float64)
     doc = toy_doc(tmp_path, suite, validation_size=16, batch_size=5, impl="torch")
-    run = LearnedMerge(config_from_dict(doc, tmp_path), progress=False)
-    source = run.leaf_source
+    run = load_inputs(config_from_dict(doc, tmp_path), torch.device("cpu"))
+    source = run.source
     store = TaskVectorStore.build(source, torch.float64)
     body = MergedBody(store, CoefficientLayout.build(store.names), init=0.3, impl="torch")
-    body.w = torch.nn.Parameter(torch.randn(body.w.shape, dtype=torch.float64) * 0.5)  # W is fp32 in use
+    w = torch.randn(body.w.shape, generator=gen, dtype=torch.float64) * 0.5
+    body.w = torch.nn.Parameter(w)  # W is fp32 in use
     trainer = CoefficientTrainer(
         body, run.model, list(run.tasks.values()), run.fixed, run.params.train_config()
     )
@@ -81,9 +83,9 @@ def test_w_gradient_matches_finite_differences_in_float64(tmp_path: Path) -> Non
     torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-8)
 
 
-def test_finds_the_known_best_merge_and_beats_task_arithmetic(tmp_path: Path) -> None:
+def test_finds_the_known_best_merge_and_beats_task_arithmetic(tmp_path: Path, seed: int) -> None:
     """Four tasks: each expert's useful layer should get ~0.9 and its noise layer ~0."""
-    suite = build_toy_suite(tmp_path / "suite4", n_tasks=4, seed=int(torch.randint(0, 1000, ())))
+    suite = build_toy_suite(tmp_path / "suite4", n_tasks=4, seed=seed)
     summary = run_learned_merge(
         config_from_dict(toy_doc(tmp_path, suite, steps=100), tmp_path), progress=False
     )
@@ -109,26 +111,63 @@ def test_finds_the_known_best_merge_and_beats_task_arithmetic(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("granularity, columns", [("task", 1), ("block", 4)])
-def test_coarser_granularities_share_coefficients(tmp_path: Path, toy, granularity, columns) -> None:
-    doc = toy_doc(tmp_path, toy, granularity=granularity, blocks=[r"branches\.\d\."], steps=3)
+def test_coarser_granularities_share_coefficients(tmp_path: Path, toy_pair, granularity, columns) -> None:
+    doc = toy_doc(tmp_path, toy_pair, granularity=granularity, blocks=[r"branches\.\d\."], steps=3)
     run_learned_merge(config_from_dict(doc, tmp_path), progress=False)
     record = json.loads((tmp_path / "merged" / "coefficients.json").read_text())
     assert len(record["columns"]) == columns
     assert set(record["tensors"].values()) == set(record["columns"])
 
 
-def test_hierarchical_with_group_size_at_least_k_equals_flat(tmp_path: Path, toy) -> None:
-    flat = toy_doc(tmp_path, toy, steps=8)
+def test_group_size_at_least_k_trains_the_flat_merge_alone(tmp_path: Path, toy_pair) -> None:
+    flat = toy_doc(tmp_path, toy_pair, steps=8)
     run_learned_merge(config_from_dict(flat, tmp_path), progress=False)
-    tree = toy_doc(tmp_path, toy, steps=8, group_size=2) | {"output": str(tmp_path / "tree")}
+    tree = toy_doc(tmp_path, toy_pair, steps=8, group_size=2) | {"output": str(tmp_path / "tree")}
     run_learned_merge(config_from_dict(tree, tmp_path), progress=False)
+    (node,) = json.loads((tmp_path / "tree" / "coefficients.json").read_text())["nodes"]
+    assert node["node"] == "root" and node["children"] == ["a", "b"]
     a, b = Checkpoint(tmp_path / "merged"), Checkpoint(tmp_path / "tree")
     for name in a.names:
         assert torch.equal(a.read(name), b.read(name)), name
 
 
-def test_resume_after_a_crash_ends_with_the_same_w(tmp_path: Path, toy, monkeypatch) -> None:
-    doc = toy_doc(tmp_path, toy, steps=12, checkpoint_every=5)
+def test_hierarchical_merge_trains_a_tree_and_multiplies_coefficients_along_its_paths(
+    tmp_path: Path, toy
+) -> None:
+    """Four tasks, group_size 2: two level-0 nodes merge two experts each, the root merges those two
+    intermediates; a task's effective coefficient is its node's coefficient times that node's at the
+    root, and the output is the base plus effective coefficient x task vector."""
+    doc = toy_doc(tmp_path, toy, steps=4, group_size=2)
+    run_learned_merge(config_from_dict(doc, tmp_path), progress=False)
+    record = json.loads((tmp_path / "merged" / "coefficients.json").read_text())
+    nodes = {r["node"]: r for r in record["nodes"]}
+    assert sorted(nodes) == ["level0-node0", "level0-node1", "root"]
+    level0, root = [nodes["level0-node0"], nodes["level0-node1"]], nodes["root"]
+    assert sorted(t for node in level0 for t in node["children"]) == sorted(toy.experts)
+    assert all(len(node["children"]) == 2 and node["leaves"] == node["children"] for node in level0)
+    assert root["children"] == ["level0-node0", "level0-node1"]
+    assert sorted(root["leaves"]) == sorted(toy.experts)
+    for task, effective in record["effective"].items():
+        (node,) = [node for node in level0 if task in node["children"]]
+        lower = node["coefficients"][node["children"].index(task)]
+        upper = root["coefficients"][root["children"].index(node["node"])]
+        assert effective == pytest.approx([a * b for a, b in zip(lower, upper, strict=True)], rel=1e-12)
+        assert effective != pytest.approx(lower)  # the root's coefficients are not all 1
+
+    base, merged = Checkpoint(toy.base), Checkpoint(tmp_path / "merged")
+    experts = {t: Checkpoint(p) for t, p in toy.experts.items()}
+    assert sorted(record["tensors"]) == sorted(n for n in base.names if not n.startswith("head."))
+    for name, column in record["tensors"].items():
+        j = record["columns"].index(column)
+        b = base.read(name).double()
+        expected = b + sum(
+            c[j] * (experts[t].read(name).double() - b) for t, c in record["effective"].items()
+        )
+        torch.testing.assert_close(merged.read(name).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_after_a_crash_ends_with_the_same_w(tmp_path: Path, toy_pair, monkeypatch) -> None:
+    doc = toy_doc(tmp_path, toy_pair, steps=12, checkpoint_every=5)
     run_learned_merge(config_from_dict(doc, tmp_path), progress=False)
     uninterrupted = json.loads((tmp_path / "merged" / "coefficients.json").read_text())["effective"]
 
@@ -157,10 +196,10 @@ def test_resume_after_a_crash_ends_with_the_same_w(tmp_path: Path, toy, monkeypa
     assert not (tmp_path / "crashed.run").exists()
 
 
-def write_many_experts(tmp_path: Path, toy, k: int) -> dict:
+def write_many_experts(tmp_path: Path, toy_pair, k: int) -> dict:
     """k experts: the toy's two, repeated with fresh perturbations, each with its own data."""
-    experts, val = toy.experts, toy.validation
-    doc = toy_doc(tmp_path, toy, steps=2)
+    experts, val = toy_pair.experts, toy_pair.validation
+    doc = toy_doc(tmp_path, toy_pair, steps=2)
     entries = []
     for i in range(k):
         task = "ab"[i % 2]
@@ -177,17 +216,19 @@ def write_many_experts(tmp_path: Path, toy, k: int) -> dict:
     return doc
 
 
-def test_hierarchical_peak_memory_is_flat_in_k_while_flat_merging_grows(tmp_path: Path, toy) -> None:
+def test_hierarchical_peak_memory_is_flat_in_k_while_flat_merging_grows(tmp_path: Path, toy_pair) -> None:
     flat, tree = {}, {}
-    for k in (2, 4, 8):
-        doc = write_many_experts(tmp_path, toy, k)
+    for k in (4, 8):
+        doc = write_many_experts(tmp_path, toy_pair, k)
         doc["output"] = str(tmp_path / f"k{k}" / "flat")
         flat[k] = run_learned_merge(config_from_dict(doc, tmp_path), progress=False).peak_tensor_bytes
         doc["output"] = str(tmp_path / f"k{k}" / "tree")
         doc["method"] = doc["method"] | {"group_size": 2}
         tree[k] = run_learned_merge(config_from_dict(doc, tmp_path), progress=False).peak_tensor_bytes
+        nodes = json.loads((tmp_path / f"k{k}" / "tree" / "coefficients.json").read_text())["nodes"]
+        assert len(nodes) == k - 1 and all(len(n["children"]) == 2 for n in nodes)  # k - 1 pair merges
     n_bytes = sum(math.prod(s) for s in [(16, 8), (16,)] * 4) * 4  # the toy body: 4 branches
-    for k in (2, 4, 8):
+    for k in (4, 8):
         assert flat[k] == (k + 1) * n_bytes + 2 * n_bytes  # k task vectors + base, merged + grad
         assert tree[k] == (2 + 1) * n_bytes + 2 * n_bytes  # g = 2 task vectors + base, merged + grad
     assert flat[8] > 2 * tree[8]
@@ -204,30 +245,30 @@ def assert_refused(capsys, tmp_path: Path, doc: dict, *needles: str) -> None:
     assert not Path(doc["output"]).exists()
 
 
-def test_empty_validation_set_is_refused(capsys, tmp_path: Path, toy) -> None:
-    torch.save({"x": torch.randn(0, 8), "y": torch.zeros(0, dtype=torch.int64)}, tmp_path / "empty.pt")
-    doc = toy_doc(tmp_path, toy)
+def test_empty_validation_set_is_refused(capsys, tmp_path: Path, toy_pair) -> None:
+    torch.save({"x": torch.zeros(0, 8), "y": torch.zeros(0, dtype=torch.int64)}, tmp_path / "empty.pt")
+    doc = toy_doc(tmp_path, toy_pair)
     doc["experts"][1]["data"] = str(tmp_path / "empty.pt")
     assert_refused(capsys, tmp_path, doc, "empty.pt", "no validation examples", "'b'")
 
 
-def test_label_out_of_range_for_the_head_is_refused(capsys, tmp_path: Path, toy) -> None:
-    y = torch.randint(0, 4, (20,))
+def test_label_out_of_range_for_the_head_is_refused(capsys, tmp_path: Path, toy_pair) -> None:
+    y = torch.arange(20) % 4
     y[7] = 9
-    torch.save({"x": torch.randn(20, 8), "y": y}, tmp_path / "bad.pt")
-    doc = toy_doc(tmp_path, toy)
+    torch.save({"x": torch.ones(20, 8), "y": y}, tmp_path / "bad.pt")
+    doc = toy_doc(tmp_path, toy_pair)
     doc["experts"][0]["data"] = str(tmp_path / "bad.pt")
     assert_refused(capsys, tmp_path, doc, "bad.pt", "example 7", "label 9", "4 classes")
 
 
-def test_task_names_of_data_and_experts_must_match(capsys, tmp_path: Path, toy) -> None:
-    val = toy.validation
+def test_task_names_of_data_and_experts_must_match(capsys, tmp_path: Path, toy_pair) -> None:
+    val = toy_pair.validation
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     for task, src in val.items():
         (data_dir / f"{task}.pt").write_bytes(src.read_bytes())
     (data_dir / "c.pt").write_bytes(val["a"].read_bytes())
-    doc = toy_doc(tmp_path, toy) | {"data_dir": str(data_dir)}
+    doc = toy_doc(tmp_path, toy_pair) | {"data_dir": str(data_dir)}
     for e in doc["experts"]:
         del e["data"]
     assert_refused(capsys, tmp_path, doc, "data_dir", "task 'c' has data but no expert")
@@ -236,17 +277,17 @@ def test_task_names_of_data_and_experts_must_match(capsys, tmp_path: Path, toy) 
     assert_refused(capsys, tmp_path, doc, "experts[1].data", "task 'b' has no validation data")
 
 
-def test_early_stop_ends_the_run_after_patience_steps_without_improvement(tmp_path: Path, toy) -> None:
-    doc = toy_doc(tmp_path, toy, steps=50, lr=1e-9, early_stop_patience=2, early_stop_min_delta=1.0)
+def test_early_stop_ends_the_run_after_patience_steps_without_improvement(tmp_path: Path, toy_pair) -> None:
+    doc = toy_doc(tmp_path, toy_pair, steps=50, lr=1e-9, early_stop_patience=2, early_stop_min_delta=1.0)
     run_learned_merge(config_from_dict(doc, tmp_path), progress=False)
     (node,) = json.loads((tmp_path / "merged" / "coefficients.json").read_text())["nodes"]
     assert len(node["losses"]) == 3  # the first step sets the best loss, two more without gain
 
 
-def test_hf_encoder_kind_needs_a_config_and_the_named_head(capsys, tmp_path: Path, toy) -> None:
+def test_hf_encoder_kind_needs_a_config_and_the_named_head(capsys, tmp_path: Path, toy_pair) -> None:
     from tests.test_merge_end_to_end import add_head, tiny_bert
 
-    doc = toy_doc(tmp_path, toy) | {"model": {"kind": "hf_encoder"}}
+    doc = toy_doc(tmp_path, toy_pair) | {"model": {"kind": "hf_encoder"}}
     assert_refused(capsys, tmp_path, doc, "model.kind", "config.json")
 
     base = tiny_bert(tmp_path / "bert")

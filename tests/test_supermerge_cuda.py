@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from supermerge.checkpoint import Checkpoint
 from supermerge.config import config_from_dict
+from supermerge.demo.toy import FACTORY, build_toy_suite
+from supermerge.io.checkpoint import Checkpoint
 from supermerge.learned_merge import run_learned_merge
 from supermerge.merge import run_merge
-from supermerge.toy import FACTORY, build_toy_suite
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -30,8 +30,8 @@ def toy_doc(root: Path, suite, device: str, output: str, method: dict) -> dict:
     }
 
 
-def test_learned_merge_on_cuda_uses_triton_and_matches_cpu(tmp_path: Path, monkeypatch) -> None:
-    suite = build_toy_suite(tmp_path / "suite", seed=int(torch.randint(0, 1000, ())))
+def test_learned_merge_on_cuda_uses_triton_and_matches_cpu(tmp_path: Path, monkeypatch, seed: int) -> None:
+    suite = build_toy_suite(tmp_path / "suite", seed=seed)
     method = {"name": "supermerge", "steps": 30, "lr": 0.05, "validation_size": 128}
     calls = []
     from supermerge.kernels import autograd as triton_autograd

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from supermerge.cli import main
-from supermerge.toy import FACTORY, build_toy_suite
+from supermerge.demo.toy import FACTORY, build_toy_suite
 from tests.minilm import finetune_minilm, minilm_dir
 
 TASKS = {

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from supermerge.errors import InputError
-from supermerge.tasks import read_suite, read_task_file
+from supermerge.io.taskfile import read_suite, read_task_file
 
 
 def write_task(path: Path, rows: list[dict]) -> Path:

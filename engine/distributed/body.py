@@ -1,35 +1,35 @@
 """The merged body over sharded task vectors: the distributed SuperMerge step's tensor traffic.
 
-Same interface as `supermerge.merged_body.MergedBody` (forward / backward / merged_tensors /
-split / coefficients), so `CoefficientTrainer` runs either. W [k, G] is replicated: every rank
+A `supermerge.learned.body.Body` like `MergedBody` (plus forward / backward / split for the
+full-body pass), so `CoefficientTrainer` runs either. W [k, G] is replicated: every rank
 applies the same all-reduced dW with the same Adam, so W stays identical without broadcasts.
 The data flow is in `supermerge.distributed.plan`'s docstring.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from supermerge.coefficients import CoefficientLayout
 from supermerge.distributed.comm import Comm
 from supermerge.distributed.layer_gather import GatheredTensors, LayerGather, Owners, find_units
-from supermerge.distributed.shard_store import ShardStore
-from supermerge.distributed.zero_store import ZeroShardStore
+from supermerge.distributed.stores.nvme import NvmeShardStore
+from supermerge.distributed.stores.resident import ShardStore
+from supermerge.distributed.stores.zero import ZeroShardStore
 from supermerge.kernels import grouped_weighted_sum
-from supermerge.merged_body import full_body_pass
+from supermerge.learned.body import Body, full_body_pass
+from supermerge.learned.coefficients import CoefficientLayout
 
 
-class ShardedBody(nn.Module):
+class ShardedBody(Body):
     """Learnable coefficients over the task-vector shards of every rank of `comm`.
 
     Args:
         store: this rank's share of the task vectors, resident (ShardStore) or offloaded
-            through DeepSpeed and streamed (ZeroShardStore).
+            through DeepSpeed or to NVMe and streamed (ZeroShardStore, NvmeShardStore).
         layout: column of W for each tensor (global).
         comm: the ranks training this merge (the plan's ranks, in order).
         shard_comm: the Q ranks holding the same layer shard (this rank's task group among them).
@@ -42,7 +42,7 @@ class ShardedBody(nn.Module):
 
     def __init__(
         self,
-        store: ShardStore | ZeroShardStore,
+        store: ShardStore | ZeroShardStore | NvmeShardStore,
         layout: CoefficientLayout,
         comm: Comm,
         shard_comm: Comm,
@@ -51,25 +51,17 @@ class ShardedBody(nn.Module):
         gather: str = "body",
         gather_ahead: int = 0,
     ) -> None:
-        super().__init__()
-        self.store, self.layout, self.comm, self.shard_comm, self.impl = store, layout, comm, shard_comm, impl
+        device = store.base_piece.device
+        super().__init__(store, len(store.plan.tasks), layout, init, impl, device)
+        self.store: ShardStore | ZeroShardStore | NvmeShardStore = store
+        self.comm, self.shard_comm = comm, shard_comm
         self.gather, self.gather_ahead = gather, gather_ahead
         self.gathered_peak_bytes = 0
         self._units: dict[int, list] = {}
         self._schedules: dict[tuple[int, bool], list[int]] = {}  # (module, training): last pass's gathers
-        device = store.base_piece.device
-        k = len(store.plan.tasks)
-        self.w = nn.Parameter(torch.full((k, layout.groups), math.atanh(init), device=device))
         self._rows = torch.tensor(store.rows, dtype=torch.int64, device=device)
         self._columns = layout.column[store.segment_tensor].to(device)
         self._partial: torch.Tensor | None = None
-
-    @property
-    def names(self) -> list[str]:
-        return self.store.names
-
-    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.store.split(flat)
 
     def _partial_sum(self, tau: torch.Tensor, offsets: torch.Tensor, segments: slice) -> torch.Tensor:
         """[n] fp32 sum over this rank's tasks of tanh(w) tau, for `segments` of the layer shard."""
@@ -192,10 +184,6 @@ class ShardedBody(nn.Module):
             return self.split(self.forward())
         owners = self._owners(self._merged_piece())
         return GatheredTensors(self.names, self.store.shapes, owners, self.store.base_dtype)
-
-    def coefficients(self) -> torch.Tensor:
-        """tanh(W), [k, G], detached fp32 on the CPU."""
-        return torch.tanh(self.w.detach()).float().cpu()
 
     @property
     def tracked_bytes(self) -> int:

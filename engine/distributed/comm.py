@@ -30,18 +30,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from supermerge.distributed.launch import Launch
 from supermerge.errors import SupermergeError
-from supermerge.memory import nbytes
+from supermerge.io.memory import nbytes
 
 log = logging.getLogger(__name__)
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-DEFAULT_TIMEOUT_S = 300
 FAILED_KEY = "supermerge/failed/{rank}"
 # torch 2.13 renamed the flat-tensor collectives (the old names warn); same arguments
 _ALL_GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
-# ... and torch's own helpers still call the old names, which would warn on every step
-warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 class PeerFailure(SupermergeError):
@@ -253,6 +250,13 @@ def _default_store() -> Any:
         return None
 
 
+def quiet_renamed_collectives() -> None:
+    """Silence torch 2.13's deprecation warning for the renamed collectives, which torch's own
+    helpers and DeepSpeed still call on every step."""
+    deprecated = r"`torch\.distributed\.\w+` is deprecated"
+    warnings.filterwarnings("ignore", message=deprecated, category=FutureWarning)
+
+
 def prefer_this_environments_tools() -> None:
     """Put this interpreter's bin folder first on PATH (what activating its venv does), so that
     DeepSpeed's op builds find the venv's ninja: a system ninja of another version cannot read
@@ -262,24 +266,21 @@ def prefer_this_environments_tools() -> None:
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
-def launched() -> bool:
-    """True when a launcher (torchrun, deepspeed, accelerate) started this process as one of many."""
-    return all(v in os.environ for v in LAUNCH_VARS) and int(os.environ["WORLD_SIZE"]) > 1
-
-
-def init_comm(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Comm:
+def init_comm(launch: Launch, device: torch.device, timeout_s: float) -> Comm:
     """The job's Comm: joins the launcher's process group, or a size-1 Comm without a launcher.
 
     Args:
-        device: "cpu" (gloo) or "cuda[:N]" (NCCL; each rank takes cuda:LOCAL_RANK).
+        launch: this process's place in the job.
+        device: where this rank computes: cpu (gloo) or its CUDA device (NCCL).
         timeout_s: how long a collective waits for a silent peer before failing.
     """
-    if not launched():
+    if not launch.launched:
         return Comm(None, [0], 0)
+    quiet_renamed_collectives()
     if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
+        backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     world, rank = dist.get_world_size(), dist.get_rank()
     log.info("rank %d of %d (%s)", rank, world, dist.get_backend())
@@ -300,9 +301,8 @@ def init_comm(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Comm:
 def close_comm(comm: Comm) -> None:
     """Leave the process group cleanly (after a barrier, so no rank exits mid-collective), and free
     the groups now rather than at interpreter exit: a gloo group destroyed during finalization
-    may have its worker threads release tensors that need the GIL (pytorch PR 179291). A rare
-    SIGABRT ('terminate called without an active exception') of a rank at exit was seen here
-    once in about 80 layer-gather jobs before this; the cause is not confirmed."""
+    may have its worker threads release tensors that need the GIL (pytorch PR 179291; see
+    docs/architecture.md, "Decisions and why")."""
     if dist.is_initialized():  # also the group of one DeepSpeed makes for an offloaded store
         comm.barrier()
         dist.destroy_process_group()

@@ -42,6 +42,7 @@ from torch import nn
 
 from supermerge.distributed.comm import Comm, Pending
 from supermerge.errors import SupermergeError
+from supermerge.io.memory import nbytes
 
 
 @dataclass
@@ -244,7 +245,7 @@ class LayerGather:
 
     def _observe(self, extra: int = 0) -> None:
         buffers = [*self.live.values(), *(buffer for buffer, _ in self._pending.values())]
-        held = sum(b.numel() * b.element_size() for b in buffers) + extra
+        held = nbytes(*buffers) + extra
         self.peak_bytes = max(self.peak_bytes, held)
 
     def _start(self, u: int) -> tuple[torch.Tensor, list[Pending]]:
@@ -298,7 +299,7 @@ class LayerGather:
         """Send unit u's gradient [numel] to its owners and drop the unit (called by autograd)."""
         unit = self.units[u]
         grad32 = grad.detach().to(torch.float32, copy=True)
-        self._observe(grad.numel() * grad.element_size() + grad32.numel() * 4)
+        self._observe(nbytes(grad, grad32))
         for lo, hi, offset in unit.runs:
             self.owners.reduce(grad32[offset : offset + hi - lo], lo, hi)
         self.release(u)

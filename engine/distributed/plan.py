@@ -23,20 +23,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from supermerge.errors import SupermergeError
-from supermerge.memory import human_bytes
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from supermerge.config import DistributedSpec, MergeConfig
-    from supermerge.taskvectors import TaskVectorSource
-
-OFFLOAD_TARGETS = ("none", "cpu", "nvme")
+from supermerge.io.memory import human_bytes
 
 
 def layer_groups(offsets: torch.Tensor, elements: int) -> list[slice]:
@@ -67,7 +58,7 @@ class Segment:
     start: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ShardPlan:
     """The layout of one distributed learned merge (see module docstring).
 
@@ -116,36 +107,6 @@ class ShardPlan:
             raise SupermergeError(
                 f"distributed.task_groups: {self.task_groups} groups for only {len(self.tasks)} tasks"
             )
-        if self.offload not in OFFLOAD_TARGETS:
-            raise SupermergeError(
-                f"distributed.offload: must be one of {OFFLOAD_TARGETS}, got {self.offload!r}"
-            )
-
-    @classmethod
-    def for_source(
-        cls,
-        source: TaskVectorSource,
-        tasks: list[str],
-        ranks: int,
-        task_groups: int,
-        storage_dtype: torch.dtype,
-        columns: int,
-        spec: DistributedSpec,
-        module: nn.Module,
-    ) -> ShardPlan:
-        """The plan of `source`'s merged tensors (headers only) for `tasks` over `ranks` ranks;
-        `module` (the task model's skeleton) gives the gather units of layer mode."""
-        from supermerge.distributed.layer_gather import find_units
-
-        names, infos = list(source.names), source.base.infos
-        largest = 0
-        if spec.gather == "layer":
-            largest = max(u.numel for u in find_units(module, names, [infos[n].shape for n in names]))
-        return cls(
-            names, [infos[n].numel for n in names], tasks, ranks, task_groups, storage_dtype.itemsize,
-            source.merged_dtype.itemsize, columns, spec.offload, spec.memory_per_rank, spec.gather, largest,
-            spec.prefetch_elements, spec.gather_ahead if spec.gather == "layer" else 0,
-        )  # fmt: skip
 
     @property
     def n(self) -> int:
@@ -302,49 +263,3 @@ class ShardPlan:
             + " (tensor traffic O(N), independent of k; only dW grows with k)"
         )
         return "\n".join(lines)
-
-
-def describe_job(cfg: MergeConfig, ranks: int) -> str:
-    """The plan of a learned-merge config on `ranks` ranks, as `supermerge plan` prints it.
-
-    Reads only the checkpoints' headers. For a hierarchical merge it also says how the first
-    level's nodes are spread over rank groups.
-    """
-    from supermerge.coefficients import CoefficientLayout
-    from supermerge.merge import open_sources
-    from supermerge.methods.base import parse_params
-    from supermerge.methods.learned import LEARNED, STORAGE_DTYPES
-    from supermerge.task_models import build_task_model
-
-    params = parse_params(LEARNED[cfg.method], cfg.method_params, "method")
-    source = open_sources(cfg)
-    layout = CoefficientLayout.build(source.names, params.granularity, params.blocks)
-    spec = cfg.distributed
-    k = source.k
-    g = params.group_size
-    lines = []
-    if g and k > g:
-        first = math.ceil(k / g)
-        grouping = "given in method.groups" if params.groups else "by task-vector similarity at run time"
-        if spec.offload != "cpu":
-            schedule = (
-                f"they train {min(first, ranks)} at a time on disjoint groups of about "
-                f"{max(1, ranks // first)} rank(s) ({math.ceil(first / ranks)} wave(s))"
-            )
-        else:  # ZeRO partitions an offloaded store over the whole job
-            schedule = "they train one after another on all ranks (ZeRO-offloaded store)"
-        lines.append(
-            f"hierarchical, g = {g}: level 0 has {first} node(s) of at most {g} tasks ({grouping}); "
-            f"{schedule}; each node holds at most g task vectors over its ranks. "
-            "The root (below, with its inputs as tasks) trains on all ranks."
-        )
-        tasks = [f"node{j}" for j in range(first)]
-        while len(tasks) > g:
-            tasks = [f"node{j}" for j in range(math.ceil(len(tasks) / g))]
-    else:
-        tasks = [e.name for e in source.experts]
-    plan = ShardPlan.for_source(
-        source, tasks, ranks, spec.task_groups if ranks > 1 else 1, STORAGE_DTYPES[params.storage_dtype],
-        layout.groups, spec, build_task_model(cfg.model, source.base).module,
-    )  # fmt: skip
-    return "\n".join([*lines, plan.describe()])

@@ -18,10 +18,9 @@ from typing import Any, ClassVar
 import torch
 
 from supermerge.errors import ConfigError
+from supermerge.schema import parse_block
 
 REGISTRY: dict[str, type[MergeMethod]] = {}
-# YAML names that are Python keywords, and the Params field each maps to.
-YAML_ALIASES = {"lambda": "lam"}
 
 
 @dataclass(frozen=True)
@@ -79,45 +78,25 @@ class MergeMethod(ABC):
         """
 
 
-def _coerce(value: Any, field: dataclasses.Field, where: str) -> Any:
-    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
-    if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(where, f"expected a number, got {value!r}")
-        return float(value)
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(where, f"expected an integer, got {value!r}")
-        return value
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(where, f"expected true or false, got {value!r}")
-        return value
-    return value
-
-
-def parse_params(cls: Any, raw: Mapping[str, Any], where: str) -> Any:
-    """Build `cls.Params` from a YAML mapping; unknown or invalid fields raise ConfigError.
+def resolve_experts(
+    cls: type[MergeMethod], params: Any, experts: Sequence[Mapping[str, Any]]
+) -> list[ExpertParams]:
+    """Each expert's settings: the method's `params` with the expert's overrides applied.
 
     Args:
-        cls: a method class: has `name` and a `Params` dataclass.
-        raw: field -> value.
-        where: dotted config path of `raw`, used in error messages (e.g. ``method``).
+        cls: the method class (its `per_expert` fields may be overridden).
+        params: the method's parsed Params.
+        experts: per-expert mappings with `name` and optional overrides (`weight`, `density`).
     """
-    fields = {f.name: f for f in dataclasses.fields(cls.Params)}
-    yaml_name = {v: k for k, v in YAML_ALIASES.items()}
-    values = {}
-    for key, value in raw.items():
-        field = YAML_ALIASES.get(key, key)
-        if field not in fields:
-            known = ", ".join(sorted(yaml_name.get(f, f) for f in fields)) or "none"
-            raise ConfigError(f"{where}.{key}", f"unknown parameter for '{cls.name}' (known: {known})")
-        values[field] = _coerce(value, fields[field], f"{where}.{key}")
-    try:
-        return cls.Params(**values)
-    except ValueError as e:
-        field, _, message = str(e).partition(": ")
-        raise ConfigError(f"{where}.{yaml_name.get(field, field)}", message or str(e)) from None
+    resolved = []
+    for i, e in enumerate(experts):
+        overrides = {k: e[k] for k in ("weight", "density") if k in e}
+        for key in overrides:
+            if key not in cls.per_expert:
+                raise ConfigError(f"experts[{i}].{key}", f"method '{cls.name}' takes no per-expert {key}")
+        own = parse_block(cls.Params, dataclasses.asdict(params) | overrides, f"experts[{i}]", owner=cls.name)
+        resolved.append(ExpertParams(e["name"], **{k: getattr(own, k) for k in cls.per_expert}))
+    return resolved
 
 
 def build_method(
@@ -138,13 +117,5 @@ def build_method(
     if cls is None:
         known = ", ".join(sorted(REGISTRY))
         raise ConfigError("method.name", f"unknown method '{name}' (known: {known})")
-    params = parse_params(cls, raw_params, "method")
-    resolved = []
-    for i, e in enumerate(experts):
-        overrides = {k: e[k] for k in ("weight", "density") if k in e}
-        for key in overrides:
-            if key not in cls.per_expert:
-                raise ConfigError(f"experts[{i}].{key}", f"method '{name}' takes no per-expert {key}")
-        own = parse_params(cls, dataclasses.asdict(params) | overrides, f"experts[{i}]")
-        resolved.append(ExpertParams(e["name"], **{k: getattr(own, k) for k in cls.per_expert}))
-    return cls(params, resolved, seed)
+    params = parse_block(cls.Params, raw_params, "method", owner=name)
+    return cls(params, resolve_experts(cls, params, experts), seed)

@@ -1,7 +1,8 @@
 """The learned methods' parameters: SuperMerge and AdaMerging (trained, not per-tensor rules).
 
-Their YAML `method:` block takes every field below; the run itself is in
-`supermerge.learned_merge`.
+Their YAML `method:` block takes every field below: the optimisation settings (`TrainConfig`,
+what the trainer reads) and the merge's layout. The run itself is `supermerge.learned_merge`;
+its parts are in `supermerge.learned`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,33 @@ from dataclasses import dataclass, field
 
 import torch
 
-from supermerge.coefficients import GRANULARITIES
-from supermerge.objectives import BUILTIN
-from supermerge.trainer import TrainConfig
+from supermerge.learned.coefficients import GRANULARITIES
+from supermerge.learned.objectives import BUILTIN
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of a learned merge.
+
+    Attributes:
+        steps: Adam steps on W.
+        lr: Adam learning rate.
+        batch_size: micro-batch size in examples (bounds activation memory, not the step).
+        objective: "cross_entropy", "entropy" or "package.module:function".
+        early_stop_patience: stop after this many steps without improvement (0: never).
+        early_stop_min_delta: improvement of the mean loss that resets the patience.
+        checkpoint_every: save the training state every this many steps.
+    """
+
+    steps: int = 100
+    lr: float = 0.01
+    batch_size: int = 32
+    objective: str = "cross_entropy"
+    early_stop_patience: int = 0
+    early_stop_min_delta: float = 1e-4
+    checkpoint_every: int = 10
 
 
 def _check_coefficient(value: float, field: str) -> None:
@@ -27,7 +50,7 @@ class SuperMergeParams(TrainConfig):
     """The learned methods' YAML parameters (TrainConfig's plus these).
 
     Attributes:
-        granularity: "tensor" | "block" | "task" (see supermerge.coefficients).
+        granularity: "tensor" | "block" | "task" (see supermerge.learned.coefficients).
         blocks: regexes grouping tensors into blocks (granularity "block").
         init: initial coefficient tanh(w) (0.3 = task arithmetic with lambda 0.3).
         validation_size: examples kept per task (the paper: 32).

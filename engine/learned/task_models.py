@@ -15,10 +15,7 @@ Kinds (the YAML's `model.kind`):
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,47 +23,10 @@ from accelerate import init_empty_weights
 from torch import nn
 from torch.func import functional_call
 
-from supermerge.checkpoint import Checkpoint
+from supermerge.config import ModelSpec
 from supermerge.errors import ConfigError
-
-Tensors = dict[str, torch.Tensor]
-MODEL_KINDS = ("hf_encoder", "torch_module")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The YAML's `model:` block.
-
-    Attributes:
-        kind: "hf_encoder" or "torch_module".
-        factory: "package.module:function" returning the nn.Module (torch_module only).
-        head: name prefix of the per-task linear head (hf_encoder).
-        pooling: "mean" or "cls" (hf_encoder).
-        max_length: tokenizer truncation length in tokens (hf_encoder).
-    """
-
-    kind: str = "hf_encoder"
-    factory: str | None = None
-    head: str = "classifier"
-    pooling: str = "mean"
-    max_length: int = 128
-
-    def __post_init__(self) -> None:
-        if self.kind not in MODEL_KINDS:
-            raise ValueError(f"kind: must be one of {MODEL_KINDS}, got {self.kind!r}")
-        if self.kind == "torch_module" and not self.factory:
-            raise ValueError("factory: torch_module needs a factory 'package.module:function'")
-        if self.pooling not in ("mean", "cls"):
-            raise ValueError(f"pooling: must be 'mean' or 'cls', got {self.pooling!r}")
-
-
-def import_object(spec: str, field: str) -> Callable:
-    """'package.module:name' -> the object; ConfigError naming `field` if it cannot be found."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ConfigError(field, f"cannot import {spec!r} ({e})") from None
+from supermerge.io.checkpoint import Checkpoint, Tensors
+from supermerge.plugins import import_object
 
 
 class TaskModel(ABC):
@@ -81,7 +41,7 @@ class TaskModel(ABC):
         Args:
             body: merged body weights (plus the base's non-merged tensors), by name.
             head: the task's own head tensors, by name.
-            inputs: a batch, as produced by `supermerge.data`.
+            inputs: a batch, as produced by `supermerge.learned.data`.
         """
 
     @staticmethod

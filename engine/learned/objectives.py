@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from supermerge.task_models import import_object
+from supermerge.plugins import import_object
 
 Objective = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 

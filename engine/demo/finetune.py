@@ -14,8 +14,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,12 +22,13 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from supermerge.errors import SupermergeError
-from supermerge.task_models import pool
-from supermerge.tasks import TaskFile
+from supermerge.io.atomic import atomic_folder
+from supermerge.io.taskfile import TaskFile
+from supermerge.learned.task_models import pool
 
 log = logging.getLogger(__name__)
 HEAD = "classifier"
-CACHE_VERSION = "2"  # 2: length-bucketed batches
+CACHE_VERSION = "2"  # part of every cache key: bump it when a change alters the experts trained
 BUCKET = 8  # batches per length bucket
 
 
@@ -128,9 +127,7 @@ def finetune_expert(
             bar.set_postfix(loss=f"{loss.item():.3f}")
             bar.update()
     bar.close()
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(out) as tmp:
         model.config.label2id = {c: i for i, c in enumerate(task.classes)}
         model.config.id2label = dict(enumerate(task.classes))
         model.config.supermerge_task = task.name
@@ -139,10 +136,6 @@ def finetune_expert(
         state = load_file(str(tmp / "model.safetensors"))
         state[f"{HEAD}.weight"], state[f"{HEAD}.bias"] = head.weight.detach(), head.bias.detach()
         save_file(state, str(tmp / "model.safetensors"), {"format": "pt"})
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -28,39 +28,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from supermerge.data import TaskData
-from supermerge.distributed.body import ShardedBody
 from supermerge.distributed.comm import Comm
 from supermerge.errors import SupermergeError
-from supermerge.merged_body import MergedBody
-from supermerge.objectives import resolve_objective
-from supermerge.task_models import TaskModel
+from supermerge.io.atomic import atomic_file
+from supermerge.io.checkpoint import Tensors
+from supermerge.learned.body import Body
+from supermerge.learned.data import TaskData
+from supermerge.learned.objectives import resolve_objective
+from supermerge.learned.task_models import TaskModel
+from supermerge.methods.learned import TrainConfig
 
 log = logging.getLogger(__name__)
-Tensors = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings (the learned methods' YAML parameters).
-
-    Attributes:
-        steps: Adam steps on W.
-        lr: Adam learning rate.
-        batch_size: micro-batch size in examples (bounds activation memory, not the step).
-        objective: "cross_entropy", "entropy" or "package.module:function".
-        early_stop_patience: stop after this many steps without improvement (0: never).
-        early_stop_min_delta: improvement of the mean loss that resets the patience.
-        checkpoint_every: save the training state every this many steps.
-    """
-
-    steps: int = 100
-    lr: float = 0.01
-    batch_size: int = 32
-    objective: str = "cross_entropy"
-    early_stop_patience: int = 0
-    early_stop_min_delta: float = 1e-4
-    checkpoint_every: int = 10
 
 
 @dataclass
@@ -102,7 +80,7 @@ class CoefficientTrainer:
 
     def __init__(
         self,
-        body: MergedBody | ShardedBody,
+        body: Body,
         model: TaskModel,
         tasks: list[Task],
         fixed: Tensors,
@@ -165,9 +143,8 @@ class CoefficientTrainer:
             "stale": stale,
             "fingerprint": self._fingerprint(),
         }
-        tmp = self.state_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.state_path)
+        with atomic_file(self.state_path) as tmp:
+            torch.save(state, tmp)
 
     def _load(self) -> tuple[int, History, float, int]:
         state = torch.load(self.state_path, weights_only=False)

@@ -1,8 +1,8 @@
 """The built-in demo: every merging method on real tasks (default) or on a toy family.
 
 Real (`supermerge demo`): MiniLM-L6 experts fine-tuned on the built-in real text suite
-(`supermerge.suite`, `supermerge.finetune`); `--quick` on 3 of its tasks with smaller experts.
-Toy (`--toy`): four tasks on a small MLP (`supermerge.toy`), each expert carrying one useful
+(`supermerge.demo.suite`, `supermerge.demo.finetune`); `--quick` on 3 of its tasks with smaller experts.
+Toy (`--toy`): four tasks on a small MLP (`supermerge.demo.toy`), each expert carrying one useful
 layer and one harmful one, so the best merge is known. Either way the demo merges the experts
 with every training-free method (lambda / density picked on the validation sets, as a user
 would) and with SuperMerge (flat and hierarchical) and AdaMerging-style entropy merging, all
@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from supermerge.checkpoint import Checkpoint
 from supermerge.config import config_from_dict
-from supermerge.finetune import FinetuneConfig
+from supermerge.demo.finetune import FinetuneConfig
+from supermerge.demo.toy import FACTORY, build_toy_suite, toy_accuracy
+from supermerge.io.checkpoint import Checkpoint
+from supermerge.learned.report import plot_accuracy_bars
 from supermerge.learned_merge import run_learned_merge
 from supermerge.merge import MergeSummary, run_merge
-from supermerge.report import plot_accuracy_bars
-from supermerge.toy import FACTORY, build_toy_suite, toy_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def toy_demo_suite(workdir: Path) -> DemoSuite:
 
 @dataclass(frozen=True)
 class RealDemoSettings:
-    """The real demo's defaults (see README, "On real tasks", for how each was chosen).
+    """The real demo's defaults (docs/demo_tuning.md says how each was chosen).
 
     Attributes:
         tasks: the suite's tasks to use (None: all of them).
@@ -129,19 +129,10 @@ def _learned(steps: int, tree_steps: int, lr: float) -> dict[str, dict]:
     }  # fmt: skip
 
 
-# Chosen on validation / dev accuracy only (benchmarks/tune_real_demo.py: dev = 20% of train held
-# out; the real test split is never read there): experts 1 epoch at lr 2e-4 (dev mean of the
-# verb/noun/drug experts: 0.590 vs 0.563 at 1e-4, 0.570 at 4e-4, 0.586 for 2 epochs at twice the
-# time); SuperMerge Adam lr 0.1 for 20 steps, one coefficient per tensor (5 tasks, step 20:
-# lr 0.1 validation accuracy 0.581 / dev 0.525; lr 0.03: 0.512 / 0.499; per-layer blocks at lr
-# 0.1: 0.506 / 0.492, at 0.03: 0.512 / 0.510; lr 0.01 left the validation loss falling after 100
-# steps); every tree node takes as many steps as the flat merge (with 10, the upper nodes'
-# validation accuracy did not move). AdaMerging gets the same steps, its own lr.
+# Chosen on validation / dev accuracy only, never test: the evidence is in docs/demo_tuning.md.
 EXPERTS = FinetuneConfig(epochs=1, lr=2e-4, train_size=1000)
 REAL = RealDemoSettings(None, EXPERTS, 64, _learned(20, 20, 0.1))
-# quick: the 3 tasks with the shortest texts (fastest to train and merge), 300 train examples,
-# 20 steps (10 steps: 5:50 instead of 7:25 on 2 cores, but SuperMerge's validation accuracy
-# fell from 0.583 to 0.500)
+# quick: the 3 tasks with the shortest texts (fastest to train and merge), 300 train examples
 QUICK = RealDemoSettings(
     ("verb", "noun", "langid"), FinetuneConfig(epochs=1, lr=2e-4, train_size=300), 64, _learned(20, 20, 0.1)
 )
@@ -154,14 +145,14 @@ def real_demo_suite(
     settings: RealDemoSettings | None = None,
     tasks: dict | None = None,
 ) -> DemoSuite:
-    """MiniLM-L6 experts fine-tuned on the built-in real text suite (supermerge.suite).
+    """MiniLM-L6 experts fine-tuned on the built-in real text suite (supermerge.demo.suite).
 
     `tasks` replaces the built-in suite (e.g. a tuning suite whose test split is held-out train).
     """
-    from supermerge.evaluate import evaluate_model
-    from supermerge.finetune import default_base, finetune_suite
-    from supermerge.suite import build_builtin_suite
-    from supermerge.tasks import read_suite
+    from supermerge.demo.evaluate import evaluate_model
+    from supermerge.demo.finetune import default_base, finetune_suite
+    from supermerge.demo.suite import build_builtin_suite
+    from supermerge.io.taskfile import read_suite
 
     settings = settings or (QUICK if quick else REAL)
     if tasks is None:

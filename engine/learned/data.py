@@ -3,7 +3,7 @@
 Formats (the `data:` field of an expert in the YAML):
 - `.pt` / `.safetensors`: tensors `x` [n, ...] (inputs) and, for supervised objectives,
   `y` [n] int64 (labels); for `model.kind: torch_module`.
-- `.jsonl`: the task format of `supermerge.tasks` (text, label, split; validation carved from
+- `.jsonl`: the task format of `supermerge.io.taskfile` (text, label, split; validation carved from
   train when absent; a file without splits is all validation); string labels map to class ids
   through the expert's config.json `label2id` when it names them all, else in sorted order;
   tokenised with the base's tokenizer (`model.kind: hf_encoder`).
@@ -22,9 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from supermerge.errors import InputError
-from supermerge.tasks import read_task_file
-
-Tensors = dict[str, torch.Tensor]
+from supermerge.io.checkpoint import Tensors
+from supermerge.io.taskfile import read_task_file
 
 
 @dataclass
@@ -46,9 +45,7 @@ class TaskData:
     def __len__(self) -> int:
         return next(iter(self.inputs.values())).shape[0]
 
-    def batches(
-        self, batch_size: int, device: torch.device | str = "cpu"
-    ) -> Iterator[tuple[Tensors, torch.Tensor | None]]:
+    def batches(self, batch_size: int) -> Iterator[tuple[Tensors, torch.Tensor | None]]:
         """Consecutive micro-batches of at most `batch_size` examples, in a fixed order.
 
         Tokenised text (an `attention_mask` among the inputs, right padding) is cut to the
@@ -56,15 +53,15 @@ class TaskData:
         """
         mask = self.inputs.get("attention_mask")
         for lo in range(0, len(self), batch_size):
+            rows = slice(lo, lo + batch_size)
             width = None
             if mask is not None and mask.dim() == 2:
-                width = max(1, int(mask[lo : lo + batch_size].sum(1).max()))
+                width = max(1, int(mask[rows].sum(1).max()))
             inputs = {
-                k: (v[lo : lo + batch_size, :width] if width is not None and v.dim() == 2 else
-                    v[lo : lo + batch_size]).to(device)
+                k: v[rows, :width] if width is not None and v.dim() == 2 else v[rows]
                 for k, v in self.inputs.items()
-            }  # fmt: skip
-            labels = None if self.labels is None else self.labels[lo : lo + batch_size].to(device)
+            }
+            labels = None if self.labels is None else self.labels[rows]
             yield inputs, labels
 
     def check_labels(self, classes: int | None) -> None:
@@ -119,7 +116,7 @@ def load_jsonl_data(
     max_length: int,
     label2id: dict[str, int] | None = None,
 ) -> TaskData:
-    """The validation split of a task file (supermerge.tasks), subset to `size`, tokenised."""
+    """The validation split of a task file (supermerge.io.taskfile), subset to `size`, tokenised."""
     task_file = read_task_file(path, validation_size=size, seed=seed, labelled=labelled)
     examples = task_file.splits["validation"]
     keep = _subset(len(examples), size, seed).tolist()

@@ -52,6 +52,8 @@ CARRIED_FILES = (
     "merges.txt",
     "tokenizer.model",
 )
+# Named tensors: a state dict, a model body or a head, a batch of model inputs.
+Tensors = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return self.numel * self.dtype.itemsize
 
 
 def parse_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -158,7 +160,7 @@ class Checkpoint:
         self.path = Path(path)
         self.config: dict | None = None
         self.carried: list[Path] = []
-        self._state_dict: dict[str, torch.Tensor] | None = None
+        self._state_dict: Tensors | None = None
         if self.path.is_dir():
             self.infos = self._open_folder()
         elif self.path.is_file():

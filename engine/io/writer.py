@@ -18,10 +18,12 @@ import torch
 from safetensors.torch import save_file
 
 from supermerge.errors import SupermergeError
+from supermerge.io.atomic import TempFolder
+from supermerge.io.checkpoint import Tensors
+from supermerge.io.memory import nbytes
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 
 def prepare_output(out_dir: Path, overwrite: bool) -> None:
@@ -49,11 +51,9 @@ class ShardedWriter:
         self.out_dir = out_dir
         self.max_shard_bytes = max_shard_bytes
         self.overwrite = overwrite
-        self.tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-        if self.tmp_dir.exists():
-            shutil.rmtree(self.tmp_dir)
-        self.tmp_dir.mkdir()
-        self._pending: dict[str, torch.Tensor] = {}
+        self._folder = TempFolder(out_dir)
+        self.tmp_dir = self._folder.path
+        self._pending: Tensors = {}
         self._pending_bytes = 0
         self._shards: list[list[str]] = []
         self.tensor_bytes = 0
@@ -70,7 +70,7 @@ class ShardedWriter:
         tb: TracebackType | None,
     ) -> None:
         if not self._committed:
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            self._folder.discard()
 
     @property
     def bytes_written(self) -> int:
@@ -86,7 +86,7 @@ class ShardedWriter:
         """Queue one tensor (copied to contiguous CPU memory) for the current shard."""
         tensor = tensor.detach().to("cpu").contiguous()
         self._pending[name] = tensor
-        self._pending_bytes += tensor.numel() * tensor.element_size()
+        self._pending_bytes += nbytes(tensor)
         if self._pending_bytes >= self.max_shard_bytes:
             self._flush()
 
@@ -127,12 +127,6 @@ class ShardedWriter:
                 weight_map.update(dict.fromkeys(names, final))
             index_doc = {"metadata": {"total_size": self.tensor_bytes}, "weight_map": weight_map}
             self.write_file(INDEX_NAME, json.dumps(index_doc, indent=2).encode())
-        if self.out_dir.exists():
-            trash = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}"
-            os.replace(self.out_dir, trash)
-            os.replace(self.tmp_dir, self.out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(self.tmp_dir, self.out_dir)
+        self._folder.commit()
         self._committed = True
         return self.out_dir

@@ -33,9 +33,10 @@ import torch
 
 from supermerge.distributed.comm import prefer_this_environments_tools
 from supermerge.distributed.plan import ShardPlan, layer_groups
-from supermerge.distributed.shard_store import Chunk, ShardLayout, read_shard
+from supermerge.distributed.stores.resident import Chunk, ShardLayout, read_shard
 from supermerge.errors import ConfigError, SupermergeError
-from supermerge.taskvectors import TaskVectorSource
+from supermerge.io.memory import nbytes
+from supermerge.taskvectors.source import TaskVectorSource
 
 ALIGNMENT = 4096  # bytes: O_DIRECT needs file offsets and sizes in whole blocks
 
@@ -110,8 +111,6 @@ class NvmeShardStore(ShardLayout):
         progress: bool = False,
     ) -> NvmeShardStore:
         """Write this rank's share of the task vectors to a new file in `nvme_path`."""
-        if not nvme_path.is_dir():
-            raise ConfigError("distributed.nvme_path", f"{nvme_path} is not a folder")
         handle = aio_handle()
         rows = plan.task_rows(plan.coords(rank)[1])
         layout = cls.fields(source, plan, rank, rows, torch.zeros(0))
@@ -156,7 +155,7 @@ class NvmeShardStore(ShardLayout):
     @property
     def nbytes(self) -> int:
         """Bytes held between steps: the base piece and the two read buffers (locked CPU memory)."""
-        return sum(t.numel() * t.element_size() for t in (self.base_piece, *self.buffers))
+        return nbytes(self.base_piece, *self.buffers)
 
     @property
     def task_vector_bytes(self) -> int:
@@ -200,7 +199,7 @@ def _io(handle: Any, op: str, buffer: torch.Tensor, path: Path, offset: int) -> 
     result = getattr(handle, op)(buffer, str(path), offset)
     if result < 0 or (op.startswith("sync") and result == 0):
         raise SupermergeError(
-            f"distributed.nvme_path: {op} of {buffer.numel() * buffer.element_size()} bytes at {offset} "
+            f"distributed.nvme_path: {op} of {nbytes(buffer)} bytes at {offset} "
             f"in {path} failed ({result}); the folder must be on a file system that supports O_DIRECT"
         )
 

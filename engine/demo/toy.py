@@ -19,7 +19,7 @@ from torch import nn
 
 IN, HIDDEN, CLASSES, BRANCHES = 8, 16, 4, 4
 TRUE = 0.9
-FACTORY = "supermerge.toy:make_mlp"
+FACTORY = "supermerge.demo.toy:make_mlp"
 TASK_NAMES = ("a", "b", "c", "d")
 
 
@@ -34,7 +34,7 @@ class ToyMLP(nn.Module):
 
 
 def make_mlp() -> nn.Module:
-    """The factory named in YAML as supermerge.toy:make_mlp."""
+    """The factory named in YAML as supermerge.demo.toy:make_mlp."""
     return ToyMLP()
 
 

@@ -27,17 +27,16 @@ from dataclasses import dataclass
 
 import torch
 
-from supermerge.distributed.comm import prefer_this_environments_tools
+from supermerge.distributed.comm import prefer_this_environments_tools, quiet_renamed_collectives
 from supermerge.distributed.plan import ShardPlan, layer_groups
-from supermerge.distributed.shard_store import Chunk, ShardLayout, read_shard
+from supermerge.distributed.stores.resident import Chunk, ShardLayout, read_shard
 from supermerge.errors import SupermergeError
-from supermerge.taskvectors import TaskVectorSource
+from supermerge.io.memory import nbytes
+from supermerge.taskvectors.source import TaskVectorSource
 
 
-def zero_config(offload: str) -> dict:
-    """The DeepSpeed config of the store: ZeRO-3 partitioning with every parameter offloaded."""
-    if offload != "cpu":  # the config refuses anything else; this guards other callers
-        raise SupermergeError(f"distributed.offload: only 'cpu' is supported, got {offload!r}")
+def zero_config() -> dict:
+    """The DeepSpeed config of the store: ZeRO-3 partitioning with every parameter offloaded to CPU."""
     return {
         "train_micro_batch_size_per_gpu": 1,
         "zero_optimization": {
@@ -93,6 +92,7 @@ class ZeroShardStore(ShardLayout):
         import deepspeed
 
         prefer_this_environments_tools()  # DeepSpeed builds its CPU comm op on first use
+        quiet_renamed_collectives()
         if plan.task_groups != 1:
             raise SupermergeError("distributed.offload: needs task_groups 1 (ZeRO partitions over all ranks)")
         if not torch.distributed.is_initialized():  # one process, no launcher: a group of one
@@ -102,7 +102,7 @@ class ZeroShardStore(ShardLayout):
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         linear = torch.nn.functional.linear
         with deepspeed.zero.Init(
-            config_dict_or_path=zero_config(plan.offload), remote_device="cpu", pin_memory=True,
+            config_dict_or_path=zero_config(), remote_device="cpu", pin_memory=True,
             mem_efficient_linear=False,
         ):  # fmt: skip
             holder = _Holder(plan.n, source.k, storage_dtype)
@@ -129,7 +129,7 @@ class ZeroShardStore(ShardLayout):
     @property
     def nbytes(self) -> int:
         """Bytes resident on the compute device: the base piece (the task vectors are offloaded)."""
-        return self.base_piece.numel() * self.base_piece.element_size()
+        return nbytes(self.base_piece)
 
     @property
     def task_vector_bytes(self) -> int:
@@ -138,7 +138,7 @@ class ZeroShardStore(ShardLayout):
 
     @property
     def offloaded_bytes(self) -> int:
-        return sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in self.params)
+        return nbytes(*(p.ds_tensor for p in self.params))
 
     def _stage(self, segs: slice, stream: torch.cuda.Stream | None) -> Chunk:
         lo, hi = int(self.offsets[segs.start]), int(self.offsets[segs.stop])

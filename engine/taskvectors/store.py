@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from supermerge.taskvectors import TaskVectorSource
+from supermerge.io.memory import nbytes
+from supermerge.taskvectors.source import TaskVectorSource
 
 
 @dataclass
@@ -26,7 +27,6 @@ class TaskVectorStore:
     Attributes:
         names: the T tensor names, in buffer order.
         shapes: shape of each tensor.
-        tasks: the k task names, in row order.
         base_flat: [N] base weights.
         tau_flat: [k, N] task vectors.
         offsets: [T + 1] int64 offsets (CPU).
@@ -34,7 +34,6 @@ class TaskVectorStore:
 
     names: list[str]
     shapes: list[tuple[int, ...]]
-    tasks: list[str]
     base_flat: torch.Tensor
     tau_flat: torch.Tensor
     offsets: torch.Tensor
@@ -61,7 +60,7 @@ class TaskVectorStore:
             base_flat[lo:hi] = base.reshape(-1)
             for i, tau in enumerate(source.task_vectors(name, base)):
                 tau_flat[i, lo:hi] = tau.reshape(-1)
-        return cls(names, shapes, [e.name for e in source.experts], base_flat, tau_flat, offsets)
+        return cls(names, shapes, base_flat, tau_flat, offsets)
 
     @property
     def k(self) -> int:
@@ -70,12 +69,12 @@ class TaskVectorStore:
     @property
     def task_vector_bytes(self) -> int:
         """Bytes of the task vectors held on the compute device."""
-        return self.tau_flat.numel() * self.tau_flat.element_size()
+        return nbytes(self.tau_flat)
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the base and task-vector buffers."""
-        return sum(t.numel() * t.element_size() for t in (self.base_flat, self.tau_flat))
+        return nbytes(self.base_flat, self.tau_flat)
 
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of a flat [N] buffer as the named tensors, in their shapes."""

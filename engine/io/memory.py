@@ -17,12 +17,6 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def current_rss_bytes() -> int:
-    """Current resident set size of this process, in bytes."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
 def cuda_peak_bytes(device: str) -> int | None:
     """torch.cuda.max_memory_allocated for a CUDA device, else None."""
     if device.startswith("cuda") and torch.cuda.is_available():

@@ -1,6 +1,6 @@
 """The built-in suite of real labelled text tasks, built from Debian and PyPI packages.
 
-Five tasks, each written as `<task>.jsonl` in the format of `supermerge.tasks` (lines
+Five tasks, each written as `<task>.jsonl` in the format of `supermerge.io.taskfile` (lines
 {"text": str, "label": str, "split": "train" | "test"}; no validation rows, the reader carves
 validation from train):
 
@@ -44,13 +44,14 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from supermerge.errors import SupermergeError
+from supermerge.io.atomic import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -451,56 +452,57 @@ class _Fetcher:
 
     def debian(self, package: str) -> Path:
         """The .deb of `package`: ``downloads/<package>_<version>_<arch>.deb``."""
-        cached = _cached(self.downloads, f"{package}_*.deb")
-        if cached is not None:
-            log.debug("cached: %s", cached.name)
-            return cached
-        if shutil.which("apt-get") is None:
-            raise SupermergeError(
-                f"cannot download Debian package '{package}': apt-get not found (the built-in suite "
-                "needs a Debian or Ubuntu system, or a cache folder that already holds the downloads)"
-            )
-        log.info("apt-get download %s", package)
-        with tempfile.TemporaryDirectory(dir=self.downloads, prefix=".tmp-") as tmp:
-            process = _run(["apt-get", "download", package], Path(tmp))
+
+        def download(tmp: Path) -> subprocess.CompletedProcess:
+            if shutil.which("apt-get") is None:
+                raise SupermergeError(
+                    f"cannot download Debian package '{package}': apt-get not found (the built-in suite "
+                    "needs a Debian or Ubuntu system, or a cache folder that already holds the downloads)"
+                )
+            log.info("apt-get download %s", package)
+            process = _run(["apt-get", "download", package], tmp)
             if process.returncode != 0 and not self.updated:
                 log.info("apt-get download failed (%s); running apt-get update once", _last_line(process))
                 self.updated = True
-                update = _run(["apt-get", "update"], Path(tmp))
+                update = _run(["apt-get", "update"], tmp)
                 if update.returncode != 0:
                     reason = _last_line(update)
                     raise SupermergeError(
                         f"cannot download Debian package '{package}': apt-get update failed: {reason}"
                     )
-                process = _run(["apt-get", "download", package], Path(tmp))
-            debs = sorted(Path(tmp).glob(f"{package}_*.deb"))
-            if process.returncode != 0 or not debs:
-                raise SupermergeError(
-                    f"cannot download Debian package '{package}' with apt-get download: {_last_line(process)}"
-                )
-            target = self.downloads / debs[0].name
-            os.replace(debs[0], target)
-        return target
+                process = _run(["apt-get", "download", package], tmp)
+            return process
+
+        return self._fetch(f"{package}_*.deb", f"Debian package '{package}' with apt-get download", download)
 
     def wheel(self, name: str, version: str) -> Path:
         """The wheel of PyPI `name`==`version`, fetched with ``pip download --no-deps``."""
+
+        def download(tmp: Path) -> subprocess.CompletedProcess:
+            log.info("pip download %s==%s", name, version)
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
+            return _run([*command, "--only-binary=:all:", f"{name}=={version}", "-d", str(tmp)], tmp)
+
         pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+        return self._fetch(pattern, f"PyPI package '{name}=={version}' with pip download", download)
+
+    def _fetch(
+        self, pattern: str, what: str, download: Callable[[Path], subprocess.CompletedProcess]
+    ) -> Path:
+        """The file of `downloads` matching `pattern`; when there is none, `download(tmp)` fetches it
+        into a temporary folder in `downloads` and it is moved from there. `what` names the
+        package and the tool in the error raised when the download fails."""
         cached = _cached(self.downloads, pattern)
         if cached is not None:
             log.debug("cached: %s", cached.name)
             return cached
-        log.info("pip download %s==%s", name, version)
         with tempfile.TemporaryDirectory(dir=self.downloads, prefix=".tmp-") as tmp:
-            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
-            process = _run([*command, "--only-binary=:all:", f"{name}=={version}", "-d", tmp], Path(tmp))
-            wheels = sorted(Path(tmp).glob(pattern))
-            if process.returncode != 0 or not wheels:
-                reason = _last_line(process)
-                raise SupermergeError(
-                    f"cannot download PyPI package '{name}=={version}' with pip download: {reason}"
-                )
-            target = self.downloads / wheels[0].name
-            os.replace(wheels[0], target)
+            process = download(Path(tmp))
+            found = sorted(Path(tmp).glob(pattern))
+            if process.returncode != 0 or not found:
+                raise SupermergeError(f"cannot download {what}: {_last_line(process)}")
+            target = self.downloads / found[0].name
+            os.replace(found[0], target)
         return target
 
 
@@ -508,9 +510,7 @@ def _unpack(archive: Path, target: Path) -> None:
     """Unpack a .deb (``dpkg -x``) or a wheel (zip) into `target`, via a temporary sibling."""
     if target.is_dir():
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
-    try:
+    with atomic_folder(target) as tmp:
         if archive.suffix == ".deb":
             if shutil.which("dpkg") is None:
                 raise SupermergeError(f"cannot unpack {archive.name}: dpkg not found")
@@ -523,9 +523,6 @@ def _unpack(archive: Path, target: Path) -> None:
                     z.extractall(tmp)
             except zipfile.BadZipFile as e:
                 raise SupermergeError(f"cannot unpack {archive.name}: {e}") from None
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _marker(settings: SuiteSettings) -> dict:
@@ -576,17 +573,11 @@ def build_builtin_suite(
             continue
         archive = fetcher.wheel(DRUG_WHEEL, DRUG_VERSION) if name == DRUG_WHEEL else fetcher.debian(name)
         _unpack(archive, unpacked / name)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".tmp-suite-"))
-    try:
+    with atomic_folder(suite_dir) as tmp:
         summary = write_suite(unpacked, tmp, settings)
         marker = {**_marker(settings), "tasks": summary}
         (tmp / MARKER_NAME).write_text(
             json.dumps(marker, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
         )
-        if suite_dir.exists():
-            shutil.rmtree(suite_dir)
-        os.replace(tmp, suite_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("built-in suite written: %s", suite_dir)
     return suite_dir

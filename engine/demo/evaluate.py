@@ -14,13 +14,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from supermerge.checkpoint import Checkpoint
-from supermerge.finetune import HEAD
-from supermerge.task_models import HFEncoderModel, ModelSpec
-from supermerge.tasks import TaskFile
+from supermerge.demo.finetune import HEAD
+from supermerge.io.checkpoint import Checkpoint, Tensors
+from supermerge.io.taskfile import TaskFile
+from supermerge.learned.task_models import HFEncoderModel, ModelSpec
 
 log = logging.getLogger(__name__)
-Tensors = dict[str, torch.Tensor]
 
 
 def task_heads(model_dir: Path, ckpt: Checkpoint, tasks: list[str]) -> dict[str, Tensors]:

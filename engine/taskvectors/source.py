@@ -13,11 +13,13 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from supermerge.checkpoint import Checkpoint
 from supermerge.errors import InputError
+from supermerge.io.checkpoint import Checkpoint
+from supermerge.io.memory import nbytes
 
 # config.json fields that fix the architecture: experts must agree with the base on these.
 ARCHITECTURE_FIELDS = (
@@ -69,7 +71,6 @@ class TaskVectorSource:
         experts: the fine-tuned experts, in task order.
         head_patterns: globs of task-specific tensor names (never merged).
         storage_dtype: dtype task vectors are returned in (None: fp32, the accumulation dtype).
-        check_finite_values: reject NaN / Inf in base and expert weights as they are read.
 
     Raises:
         InputError: at construction, for any incompatibility (missing or extra tensor, shape
@@ -82,7 +83,6 @@ class TaskVectorSource:
         experts: Sequence[Expert],
         head_patterns: Sequence[str] = (),
         storage_dtype: torch.dtype | None = None,
-        check_finite_values: bool = True,
     ) -> None:
         if not experts:
             raise InputError(base.path, "no experts to merge")
@@ -90,7 +90,6 @@ class TaskVectorSource:
         self.experts = list(experts)
         self.head_patterns = tuple(head_patterns)
         self.storage_dtype = storage_dtype or torch.float32
-        self.check_finite_values = check_finite_values
         self.names = [n for n in base.names if self.mergeable(base, n)]
         self.bytes_read = 0
         for expert in self.experts:
@@ -140,9 +139,8 @@ class TaskVectorSource:
 
     def _read(self, checkpoint: Checkpoint, name: str, span: tuple[int, int] | None = None) -> torch.Tensor:
         tensor = checkpoint.read(name) if span is None else checkpoint.read_range(name, *span)
-        self.bytes_read += tensor.numel() * tensor.element_size()
-        if self.check_finite_values:
-            check_finite(tensor, checkpoint, name)
+        self.bytes_read += nbytes(tensor)
+        check_finite(tensor, checkpoint, name)
         return tensor
 
     def read_base(self, name: str, span: tuple[int, int] | None = None) -> torch.Tensor:
@@ -177,3 +175,10 @@ class TaskVectorSource:
             for n in expert.checkpoint.names
             if is_head(n, self.head_patterns)
         }
+
+
+def open_source(base: Path, experts: Sequence[tuple[str, Path]], heads: Sequence[str]) -> TaskVectorSource:
+    """Open base and experts ((name, path) pairs) lazily and check they are compatible (no tensor
+    data is read)."""
+    opened = [Expert(name, Checkpoint(path)) for name, path in experts]
+    return TaskVectorSource(Checkpoint(base), opened, heads)

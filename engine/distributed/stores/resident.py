@@ -1,6 +1,6 @@
 """One rank's share of the task-vector store: its task group's task vectors over its layer shard.
 
-Layout (what the fused kernel takes, as in supermerge.store but local):
+Layout (what the fused kernel takes, as in supermerge.taskvectors.store but local):
     tau_local   [k_q, n]   task vectors of the rank's task group over layer shard p (n elements)
     base_piece  [S]        the base over the rank's own piece of the shard (fp32, zero-padded)
     offsets     [T_p + 1]  int64 segment offsets within the shard; segment s is part of tensor
@@ -19,8 +19,9 @@ import torch
 from tqdm import tqdm
 
 from supermerge.distributed.plan import ShardPlan
-from supermerge.store import split_flat
-from supermerge.taskvectors import TaskVectorSource
+from supermerge.io.memory import nbytes
+from supermerge.taskvectors.source import TaskVectorSource
+from supermerge.taskvectors.store import split_flat
 
 
 def read_shard(
@@ -161,9 +162,9 @@ class ShardStore(ShardLayout):
     @property
     def task_vector_bytes(self) -> int:
         """Bytes of the task vectors held on the compute device."""
-        return self.tau_local.numel() * self.tau_local.element_size()
+        return nbytes(self.tau_local)
 
     @property
     def nbytes(self) -> int:
         """Bytes of the task vectors and base piece held."""
-        return sum(t.numel() * t.element_size() for t in (self.tau_local, self.base_piece))
+        return nbytes(self.tau_local, self.base_piece)

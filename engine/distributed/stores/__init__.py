@@ -1,0 +1,1 @@
+"""One rank's share of the task vectors: resident, ZeRO-3 offloaded to CPU, or on NVMe."""

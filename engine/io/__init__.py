@@ -1,0 +1,1 @@
+"""Reading checkpoints and task files, writing outputs, accounting for memory."""

@@ -106,7 +106,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from supermerge.demo.evaluate import evaluate_model
+    from supermerge.io.atomic import atomic_file
+    from supermerge.io.paths import check_apart
 
+    if args.json:
+        reads = [("the model", Path(args.model)), ("the suite", Path(args.suite))]
+        check_apart(Path(args.json), reads, "JSON output")
     accuracy = evaluate_model(
         args.model,
         _suite(args),
@@ -120,7 +125,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if accuracy:
         print(f"{'mean':16s} {sum(accuracy.values()) / len(accuracy):.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(accuracy, indent=2))
+        with atomic_file(Path(args.json)) as tmp:
+            tmp.write_text(json.dumps(accuracy, indent=2))
     return 0
 
 

@@ -198,6 +198,11 @@ class MergeConfig:
     def learned(self) -> bool:
         return self.method.learned
 
+    def inputs(self) -> list[tuple[str, Path]]:
+        """Every path the merge reads, labelled: the base, the experts, the tasks' data."""
+        paths = [("the base", self.base), *((f"expert '{e.name}'", e.path) for e in self.experts)]
+        return paths + [(f"the data of task '{e.name}'", e.data) for e in self.experts if e.data is not None]
+
     def record(self) -> dict:
         """The config as JSON-friendly data, kept beside the merged model for provenance."""
         params = dataclasses.asdict(self.method.params) if self.learned else dict(self.method.given)

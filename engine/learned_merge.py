@@ -35,8 +35,10 @@ from supermerge.config import MergeConfig
 from supermerge.distributed.comm import Comm, close_comm, init_comm
 from supermerge.distributed.launch import Launch
 from supermerge.errors import InputError, SupermergeError
+from supermerge.io.lock import OutputLock
 from supermerge.io.memory import TensorBytes, cuda_peak_bytes, peak_rss_bytes
-from supermerge.io.output import MergeSummary, write_extras, write_tensors
+from supermerge.io.output import MergeSummary, output_bytes, write_extras, write_tensors
+from supermerge.io.paths import check_apart
 from supermerge.io.writer import ShardedWriter, prepare_output
 from supermerge.learned.body import Body
 from supermerge.learned.coefficients import CoefficientLayout
@@ -172,6 +174,24 @@ class LearnedMerge:
 
     def run(self, overwrite: bool = False, resume: bool = False) -> MergeSummary:
         """Train the tree (or the flat merge) and write the output; returns the summary."""
+        check_apart(self.cfg.output, [*self.cfg.inputs(), ("the run-state folder", self.state.dir)])
+        check_apart(self.state.dir, self.cfg.inputs(), "run-state folder")
+        lock = OutputLock(self.cfg.output)  # one lock for the output and its run state
+        problem = None
+        if self.comm.is_leader:  # the leader speaks for the job; every rank learns the answer
+            try:
+                lock.acquire()
+            except SupermergeError as e:
+                problem = str(e)
+        problem = self.comm.broadcast_object(problem)
+        if problem is not None:
+            raise SupermergeError(problem)
+        try:
+            return self._run(overwrite, resume)
+        finally:
+            lock.release()
+
+    def _run(self, overwrite: bool, resume: bool) -> MergeSummary:
         start = time.perf_counter()
         prepare_output(self.cfg.output, overwrite)
         self.state.prepare(overwrite, resume, self.comm)
@@ -254,7 +274,8 @@ class LearnedMerge:
             take_part_in_gathers(merged, source)
             self.comm.barrier()  # the leader writes; return once the output is in place
             return self._summary(inputs, start, root, None)
-        with ShardedWriter(cfg.output, cfg.shard_size, overwrite) as writer:
+        expected = output_bytes(source, cfg.dtype)
+        with ShardedWriter(cfg.output, cfg.shard_size, overwrite, expected) as writer:
             write_tensors(writer, source, merged.__getitem__, cfg.dtype, self.progress)
             coefficients = {
                 "tasks": tasks,

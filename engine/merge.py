@@ -15,7 +15,8 @@ import torch
 
 from supermerge.config import MergeConfig
 from supermerge.io.memory import TensorBytes, cuda_peak_bytes, nbytes, peak_rss_bytes
-from supermerge.io.output import MergeSummary, write_extras, write_tensors
+from supermerge.io.output import MergeSummary, output_bytes, write_extras, write_tensors
+from supermerge.io.paths import check_apart
 from supermerge.io.writer import ShardedWriter, prepare_output
 from supermerge.methods import REGISTRY
 from supermerge.taskvectors.source import open_source
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 def run_merge(cfg: MergeConfig, overwrite: bool = False, progress: bool = True) -> MergeSummary:
     """Merge per `cfg` with a training-free method; nothing appears at cfg.output on failure."""
     start = time.perf_counter()
+    check_apart(cfg.output, cfg.inputs())
     prepare_output(cfg.output, overwrite)
     method = REGISTRY[cfg.method.name](cfg.method.params, cfg.method.experts, cfg.seed)
     source = open_source(cfg.base, [(e.name, e.path) for e in cfg.experts], cfg.heads)
@@ -40,8 +42,10 @@ def run_merge(cfg: MergeConfig, overwrite: bool = False, progress: bool = True) 
         return merged
 
     log.info("merging %d experts into %s with %s", source.k, cfg.output, cfg.method.name)
-    with ShardedWriter(cfg.output, cfg.shard_size, overwrite) as writer:
+    expected = output_bytes(source, cfg.dtype)
+    with ShardedWriter(cfg.output, cfg.shard_size, overwrite, expected) as writer:
         write_tensors(writer, source, merged_tensor, cfg.dtype, progress)
+        source.warn_identical_experts()
         summary = MergeSummary(
             output=str(cfg.output),
             method=cfg.method.name,

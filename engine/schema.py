@@ -5,7 +5,8 @@ Every block of the merge YAML (the top level's parts in `supermerge.config`, eac
 block is checked in one style:
   1. unknown keys are refused, naming the dotted field and the known ones;
   2. each value is checked against its field's annotation (float, int, bool, str, Path, list,
-     each optionally `| None`); a field with `metadata={"size": True}` takes sizes like 2GB;
+     unions of them, each optionally `| None`); floats must be finite (NaN and Inf would merge
+     into a model of NaN or Inf); a field with `metadata={"size": True}` takes sizes like 2GB;
      Path fields resolve against the YAML file's folder;
   3. the dataclass's own `__post_init__` checks ranges and relations, raising
      ValueError("<field>: <what is wrong>"), which becomes a ConfigError naming `<where>.<field>`.
@@ -14,6 +15,7 @@ block is checked in one style:
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -78,6 +80,8 @@ def _check_value(value: Any, field: dataclasses.Field, where: str, root: Path | 
         return parse_size(value, where)
     for kind in kinds:
         result = _as_kind(value, kind, root)
+        if isinstance(result, float) and not math.isfinite(result):
+            raise ConfigError(where, f"must be a finite number, got {value!r}")
         if result is not _NO:
             return result
     expected = " or ".join(EXPECTED.get(k, "a list" if k.startswith(("list", "tuple")) else k) for k in kinds)

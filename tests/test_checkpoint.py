@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from supermerge.errors import InputError
+from supermerge.io import checkpoint
 from supermerge.io.checkpoint import Checkpoint
 from tests.conftest import random_state, write_folder
 
@@ -56,11 +57,13 @@ def test_read_returns_fresh_memory_not_shared_between_calls(tmp_path: Path, base
     torch.testing.assert_close(ckpt.read("embed.weight"), base_state["embed.weight"])
 
 
-def test_truncated_safetensors_file_is_rejected_naming_the_file(tmp_path: Path, base_state) -> None:
+def test_truncated_safetensors_file_is_rejected_naming_the_file_and_tensor(
+    tmp_path: Path, base_state
+) -> None:
     path = tmp_path / "w.safetensors"
     save_file(base_state, str(path))
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(InputError, match=r"w\.safetensors: truncated"):
+    with pytest.raises(InputError, match=r"w\.safetensors: tensor '[\w.]+': truncated"):
         Checkpoint(path)
 
 
@@ -77,6 +80,32 @@ def test_corrupt_safetensors_header_is_rejected(tmp_path: Path, payload: bytes, 
     path.write_bytes(payload)
     with pytest.raises(InputError, match=message):
         Checkpoint(path)
+
+
+def test_strict_header_checks_accept_every_tensor_kind_safetensors_writes(tmp_path: Path) -> None:
+    state = {
+        "scalar": torch.tensor(3.0),
+        "empty": torch.zeros(0, 4),
+        "mask": torch.tensor([True, False]),
+        "position_ids": torch.arange(5),
+        "bf16": torch.ones(3, dtype=torch.bfloat16),
+        "fp8": torch.ones(3, dtype=torch.float8_e4m3fn),
+    }
+    save_file(state, str(tmp_path / "w.safetensors"), metadata={"format": "pt"})
+    ckpt = Checkpoint(tmp_path / "w.safetensors")
+    assert sorted(ckpt.names) == sorted(state)
+    for name, tensor in state.items():
+        assert ckpt.read(name).dtype == tensor.dtype
+        assert torch.equal(ckpt.read(name).float(), tensor.float())
+
+
+def test_header_over_the_format_limit_is_rejected(tmp_path: Path, base_state, monkeypatch) -> None:
+    save_file(base_state, str(tmp_path / "w.safetensors"))
+    monkeypatch.setattr(checkpoint, "MAX_HEADER_BYTES", 16)
+    with pytest.raises(
+        InputError, match=r"w\.safetensors: corrupt safetensors file \(header of \d+ bytes, over 16\)"
+    ):
+        Checkpoint(tmp_path / "w.safetensors")
 
 
 def test_missing_path_and_folder_without_weights_are_rejected(tmp_path: Path) -> None:

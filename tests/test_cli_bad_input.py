@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import yaml
 from safetensors.torch import save_file
 
 from supermerge.cli import main
+from tests.files import tree_hashes
 
 
 def run_cli(capsys, config: Path, *extra: str) -> tuple[int, str]:
@@ -18,8 +20,12 @@ def run_cli(capsys, config: Path, *extra: str) -> tuple[int, str]:
     return code, capsys.readouterr().err.strip()
 
 
-def assert_refused(capsys, config: Path, *needles: str) -> None:
-    """Exit code 2, a one-line error holding every needle, no output or temp folder left."""
+def assert_refused(
+    capsys, config: Path, *needles: str, inputs: Sequence[Path] = (), beside: Sequence[str] = ()
+) -> None:
+    """Exit code 2, a one-line error holding every needle, nothing at the output and nothing of
+    it beside it but the names in `beside`; the config and every file under `inputs` unchanged."""
+    before = tree_hashes(config, *inputs)
     code, err = run_cli(capsys, config)
     assert code == 2
     assert err.startswith("supermerge: error: ") and "\n" not in err, err
@@ -27,7 +33,10 @@ def assert_refused(capsys, config: Path, *needles: str) -> None:
         assert needle in err, err
     out = Path(yaml.safe_load(config.read_text())["output"])
     assert not out.exists()
-    assert not any(p.name.startswith(f".{out.name}.") for p in out.parent.iterdir())
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")) == sorted(
+        beside
+    )
+    assert tree_hashes(config, *inputs) == before
 
 
 def test_missing_expert_folder(capsys, make_models, write_yaml, tmp_path) -> None:

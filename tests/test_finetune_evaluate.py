@@ -12,6 +12,7 @@ from supermerge.cli import main
 from supermerge.demo.finetune import FinetuneConfig, finetune_suite
 from supermerge.io.checkpoint import Checkpoint
 from supermerge.io.taskfile import read_suite
+from tests.files import tree_hashes
 from tests.minilm import minilm_dir
 
 POSITIVE = ["I love it", "great work", "wonderful day", "so happy", "excellent food", "nice people"]
@@ -199,3 +200,37 @@ def test_length_bucketed_batches_cover_every_example_once_with_less_padding() ->
     assert padded < 0.8 * plain
     again = length_bucketed_batches(lengths, 32, torch.Generator().manual_seed(0))
     assert again == batches  # seeded
+
+
+@pytest.mark.slow
+def test_no_command_changes_its_inputs(experts, tmp_path: Path, capsys) -> None:
+    suite, cache, paths = experts
+    inputs = [suite, minilm_dir(), *paths.values()]
+    before = tree_hashes(*inputs)
+    methods = {
+        "ta": {"name": "task_arithmetic", "lambda": 0.5},
+        "sm": {"name": "supermerge", "steps": 2, "validation_size": 4},
+    }
+    for name, method in methods.items():
+        doc = {
+            "base": str(minilm_dir()),
+            "experts": [{"name": t, "path": str(p)} for t, p in paths.items()],
+            "method": method,
+            "data_dir": str(suite),
+            "heads": ["classifier.*"],
+            "output": str(tmp_path / name),
+        }
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(doc))
+    commands = [
+        ["finetune", "--suite", str(suite), "--cache", str(cache)],
+        ["merge", str(tmp_path / "ta.yaml")],
+        ["merge", str(tmp_path / "sm.yaml")],
+        ["plan", str(tmp_path / "sm.yaml"), "--ranks", "2"],
+        ["methods"],
+        ["evaluate", str(tmp_path / "sm"), "--suite", str(suite), "--json", str(tmp_path / "acc.json")],
+        ["evaluate", str(paths["sentiment"]), "--suite", str(suite), "--tasks", "sentiment"],
+    ]
+    for argv in commands:
+        assert main(["-q", *argv]) == 0, argv
+    capsys.readouterr()
+    assert tree_hashes(*inputs) == before

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from supermerge.errors import SupermergeError
 from supermerge.io.atomic import atomic_folder
+from supermerge.io.paths import check_apart
 from supermerge.io.taskfile import TaskFile
 from supermerge.learned.task_models import pool
 
@@ -142,7 +143,10 @@ def finetune_expert(
 def finetune_suite(
     base: Path, tasks: dict[str, TaskFile], cache_dir: Path, cfg: FinetuneConfig, progress: bool = True
 ) -> dict[str, Path]:
-    """One expert per task under `cache_dir/experts/<task>-<hash>`, trained only when missing."""
+    """One expert per task under `cache_dir/experts/<task>-<hash>`, trained only when missing;
+    refused if that folder is, contains or lies inside the base or a task file."""
+    reads = [("the base model", base), *((f"the task file of '{n}'", t.path) for n, t in tasks.items())]
+    check_apart(cache_dir / "experts", reads, "expert cache")
     experts = {}
     (cache_dir / "experts").mkdir(parents=True, exist_ok=True)
     for name, task in tasks.items():

@@ -1,15 +1,17 @@
 """Lazy, tensor-by-tensor reading of model checkpoints.
 
-Accepted layouts (`open_checkpoint`):
+Accepted layouts (`Checkpoint`):
 - a Hugging Face model folder with `model.safetensors`, or shards listed in
   `model.safetensors.index.json` (its `config.json` and tokenizer files are carried along);
 - a single `.safetensors` file;
 - a torch state_dict file (`.pt`, `.pth`, `.bin`), loaded with `mmap=True`.
 
-Safetensors headers are parsed and checked against the file size when the checkpoint is
-opened, so a truncated or corrupt file fails before any work starts. A tensor's bytes are read
-only when `read(name)` asks for it, into memory that is freed when the caller drops the tensor:
-a merge never holds a whole expert.
+Safetensors headers are parsed and checked as strictly as the format defines them (offsets
+tile the data buffer exactly, sizes match shapes, known dtypes, no name twice), and a sharded
+folder's index against its shards (every tensor in exactly one shard, the one the index names),
+when the checkpoint is opened: a truncated or corrupt file fails before any work starts. A
+tensor's bytes are read only when `read(name)` asks for it, into memory that is freed when the
+caller drops the tensor: a merge never holds a whole expert.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +43,8 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin")
+# The safetensors library's own limit on the JSON header.
+MAX_HEADER_BYTES = 100_000_000
 # Files of a model folder that describe the model rather than hold its weights.
 CARRIED_FILES = (
     "config.json",
@@ -83,11 +88,47 @@ class TensorInfo:
         return self.numel * self.dtype.itemsize
 
 
-def parse_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Read and validate a safetensors header; no tensor data is read.
+class _JsonObject(dict):
+    """A JSON object that keeps the keys it held more than once (json.loads keeps the last silently).
+
+    Used as json.loads' `object_pairs_hook`, so every object of a document is one of these.
+    """
+
+    def __init__(self, pairs: list[tuple[str, object]]) -> None:
+        super().__init__(pairs)
+        self.repeated = [k for k, n in Counter(k for k, _ in pairs).items() if n > 1]
+
+
+def _load_json(raw: bytes | str) -> object:
+    """Parse JSON whose objects are `_JsonObject`s (a repeated key shows in `.repeated`).
 
     Raises:
-        InputError: the file is missing, truncated, or its header is corrupt.
+        json.JSONDecodeError, UnicodeDecodeError: not JSON.
+    """
+    return json.loads(raw, object_pairs_hook=_JsonObject)
+
+
+def _is_count(x: object) -> bool:
+    """True for a non-negative JSON integer (not a bool, not a float)."""
+    return type(x) is int and x >= 0
+
+
+def parse_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Read a safetensors header and check it as strictly as the format defines it; no tensor
+    data is read.
+
+    The file is an 8-byte little-endian header length N, N bytes of JSON that begin with `{`
+    ({name: {dtype, shape, data_offsets: [begin, end]}, optional "__metadata__": {str: str}}),
+    then the data buffer. Checked: N at most MAX_HEADER_BYTES and within the file; no key twice;
+    known dtypes; integer shapes and offsets; end - begin = numel x dtype size in bytes; the
+    tensors, sorted by offset, tile the buffer exactly (no overlap, no gap, nothing past its end,
+    no trailing bytes); offsets are relative to the buffer's start.
+
+    Returns:
+        name -> TensorInfo, in header order.
+    Raises:
+        InputError: the file is missing, truncated, or its header is corrupt, naming the tensor
+            at fault where there is one.
     """
     try:
         size = path.stat().st_size
@@ -98,39 +139,94 @@ def parse_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             (header_len,) = struct.unpack("<Q", head)
             if header_len > size - 8:
                 raise InputError(path, "truncated or corrupt safetensors file (header too long)")
+            if header_len > MAX_HEADER_BYTES:
+                raise InputError(
+                    path, f"corrupt safetensors file (header of {header_len} bytes, over {MAX_HEADER_BYTES})"
+                )
             raw = f.read(header_len)
     except FileNotFoundError:
         raise InputError(path, "file not found") from None
+    except OSError as e:
+        raise InputError(path, f"cannot read file ({e.strerror})") from None
     try:
-        header = json.loads(raw)
+        header = _load_json(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InputError(path, "corrupt safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
+    if not isinstance(header, _JsonObject) or not raw.startswith(b"{"):
         raise InputError(path, "corrupt safetensors file (header is not a JSON object)")
-    data_start = 8 + header_len
+    if header.repeated:
+        raise InputError(path, "corrupt safetensors header (two entries of this name)", header.repeated[0])
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and (
+        not isinstance(metadata, _JsonObject)
+        or metadata.repeated
+        or not all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise InputError(path, "corrupt safetensors header (__metadata__ is not a str -> str mapping)")
     infos: dict[str, TensorInfo] = {}
-    data_end = 0
+    spans: list[tuple[int, int, str]] = []
+    data_start = 8 + header_len
     for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise InputError(path, "corrupt safetensors header entry", name) from None
-        info = TensorInfo(name, shape, dtype, path, data_start + begin)
-        if end - begin != info.nbytes or begin < 0:
-            raise InputError(path, "corrupt safetensors header (size does not match shape)", name)
+        if not isinstance(entry, _JsonObject):
+            raise InputError(path, "corrupt safetensors header entry (not a JSON object)", name)
+        if entry.repeated:
+            raise InputError(
+                path, f"corrupt safetensors header entry (key '{entry.repeated[0]}' twice)", name
+            )
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise InputError(path, f"corrupt safetensors header (shape {shape!r})", name)
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(x) for x in offsets):
+            raise InputError(path, f"corrupt safetensors header (data_offsets {offsets!r})", name)
+        if dtype not in SAFETENSORS_DTYPES:
+            raise InputError(path, f"unknown dtype {dtype!r} (known: {', '.join(SAFETENSORS_DTYPES)})", name)
+        begin, end = offsets
+        info = TensorInfo(name, tuple(shape), SAFETENSORS_DTYPES[dtype], path, data_start + begin)
+        if end - begin != info.nbytes:
+            raise InputError(
+                path,
+                f"corrupt safetensors header: data_offsets {offsets} hold {end - begin} bytes, "
+                f"shape {shape} of {dtype} needs {info.nbytes}",
+                name,
+            )
         infos[name] = info
-        data_end = max(data_end, end)
-    if data_start + data_end != size:
-        raise InputError(
-            path,
-            f"truncated or corrupt safetensors file: header promises {data_start + data_end} "
-            f"bytes, file has {size}",
-        )
+        spans.append((begin, end, name))
+    _check_tiling(path, sorted(spans), size - data_start)
     return infos
+
+
+def _check_tiling(path: Path, spans: list[tuple[int, int, str]], buffer_bytes: int) -> None:
+    """Raise InputError unless `spans` ((begin, end, name), sorted) tile [0, buffer_bytes) exactly."""
+    reached, previous = 0, None
+    for begin, end, name in spans:
+        if begin < reached:
+            raise InputError(
+                path,
+                f"corrupt safetensors header: data_offsets [{begin}, {end}] overlap tensor "
+                f"'{previous}' (which ends at {reached})",
+                name,
+            )
+        if begin > reached:
+            after = f"tensor '{previous}' (which ends at {reached})" if previous else "the start of the data"
+            raise InputError(
+                path,
+                f"corrupt safetensors header: data_offsets [{begin}, {end}] leave a gap of "
+                f"{begin - reached} bytes after {after}",
+                name,
+            )
+        if end > buffer_bytes:
+            raise InputError(
+                path,
+                f"truncated or corrupt safetensors file: data_offsets [{begin}, {end}] run past "
+                f"the {buffer_bytes} bytes of data the file holds",
+                name,
+            )
+        reached, previous = end, name
+    if reached != buffer_bytes:
+        after = f"the last tensor '{previous}'" if previous else "the header"
+        raise InputError(
+            path, f"corrupt safetensors file: {buffer_bytes - reached} trailing bytes after {after}"
+        )
 
 
 def _read_safetensors_elements(info: TensorInfo, lo: int, hi: int) -> torch.Tensor:
@@ -190,20 +286,62 @@ class Checkpoint:
         index_path = self.path / "model.safetensors.index.json"
         single = self.path / "model.safetensors"
         if index_path.is_file():
-            try:
-                weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise InputError(index_path, "corrupt index (no 'weight_map')") from None
-            shards = {f: parse_safetensors_header(self.path / f) for f in dict.fromkeys(weight_map.values())}
-            infos: dict[str, TensorInfo] = {}
-            for name, shard in weight_map.items():
-                if name not in shards[shard]:
-                    raise InputError(self.path / shard, "listed in the index but missing", name)
-                infos[name] = shards[shard][name]
-            return infos
+            return self._open_shards(index_path)
         if single.is_file():
             return parse_safetensors_header(single)
         raise InputError(self.path, "model folder has no model.safetensors nor its index")
+
+    def _open_shards(self, index_path: Path) -> dict[str, TensorInfo]:
+        """The tensors of the shards `index_path` lists, each in exactly one shard, all in the index."""
+        weight_map = self._read_weight_map(index_path)
+        shards: dict[str, dict[str, TensorInfo]] = {}
+        for name, shard in weight_map.items():
+            if shard not in shards:
+                if not (self.path / shard).is_file():
+                    raise InputError(
+                        self.path / shard, f"no such shard file (named in {index_path.name})", name
+                    )
+                shards[shard] = parse_safetensors_header(self.path / shard)
+        holder: dict[str, str] = {}
+        for shard, infos in shards.items():
+            for name in infos:
+                if name in holder:
+                    raise InputError(
+                        self.path / shard,
+                        f"held by two shards, this one and {self.path / holder[name]}",
+                        name,
+                    )
+                if name not in weight_map:
+                    raise InputError(
+                        self.path / shard, f"held by this shard but not listed in {index_path.name}", name
+                    )
+                holder[name] = shard
+        for name, shard in weight_map.items():
+            if holder.get(name) != shard:
+                where = f"it is in {self.path / holder[name]}" if name in holder else "no shard holds it"
+                raise InputError(
+                    self.path / shard, f"{index_path.name} places the tensor in this shard, but {where}", name
+                )
+        return {name: shards[shard][name] for name, shard in weight_map.items()}
+
+    @staticmethod
+    def _read_weight_map(index_path: Path) -> dict[str, str]:
+        """The index's weight_map (tensor name -> shard file name inside the folder), checked."""
+        try:
+            index = _load_json(index_path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InputError(index_path, "corrupt index (not JSON)") from None
+        weight_map = index.get("weight_map") if isinstance(index, _JsonObject) else None
+        if not isinstance(weight_map, _JsonObject):
+            raise InputError(index_path, "corrupt index (no 'weight_map' object)")
+        if weight_map.repeated:
+            raise InputError(index_path, "listed twice in 'weight_map'", weight_map.repeated[0])
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str) or Path(shard).name != shard:
+                raise InputError(
+                    index_path, f"'weight_map' names {shard!r}, not a file name in the folder", name
+                )
+        return weight_map
 
     def _open_state_dict(self, path: Path) -> dict[str, TensorInfo]:
         try:

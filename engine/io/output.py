@@ -49,6 +49,16 @@ class MergeSummary:
         )
 
 
+def output_bytes(source: TaskVectorSource, dtype: torch.dtype | None) -> int:
+    """Bytes of the tensors `write_tensors` writes: every base tensor, the merged ones in `dtype`
+    (None: the base's)."""
+    mergeable = set(source.names)
+    return sum(
+        info.numel * (dtype if dtype is not None and name in mergeable else info.dtype).itemsize
+        for name, info in source.base.infos.items()
+    )
+
+
 def write_tensors(
     writer: ShardedWriter,
     source: TaskVectorSource,

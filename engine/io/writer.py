@@ -3,7 +3,9 @@
 Tensors are added one at a time and flushed to a shard file whenever the shard reaches
 `max_shard_bytes`, so at most one shard of output is held in memory. Everything is written to
 a temporary folder beside the output and renamed into place by `commit()`; on failure the
-temporary folder is removed and nothing appears at the output path.
+temporary folder is removed and nothing appears at the output path. The writer holds the output's
+lock (io/lock.py) from construction to commit, refuses non-finite tensors, and reports a full
+disk as one line.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import torch
 from safetensors.torch import save_file
 
 from supermerge.errors import SupermergeError
-from supermerge.io.atomic import TempFolder
+from supermerge.io.atomic import TempFolder, disk_full_error, raise_if_disk_full
 from supermerge.io.checkpoint import Tensors
+from supermerge.io.finite import non_finite
 from supermerge.io.memory import nbytes
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -38,20 +41,33 @@ class ShardedWriter:
     """Streams tensors into `model-0000i-of-0000N.safetensors` shards under a temporary folder.
 
     Use as a context manager: leaving the block without `commit()` (an exception) removes
-    the temporary folder.
+    the temporary folder; a full disk met anywhere in the block (shards, extra files, anything
+    written into `tmp_dir`) is raised as one `SupermergeError` line.
 
     Args:
         out_dir: final output folder; created by `commit()`.
         max_shard_bytes: flush a shard once it holds at least this many bytes.
         overwrite: replace an existing `out_dir` at commit time.
+        expected_bytes: size of the output if the caller knows it (bytes of the tensors to be
+            written); refused at once when the output's file system has less free space.
+
+    Raises:
+        SupermergeError: at construction: the output exists (without `overwrite`), another run
+            holds its lock or left a live temporary folder, not enough free space.
     """
 
-    def __init__(self, out_dir: Path, max_shard_bytes: int, overwrite: bool = False) -> None:
+    def __init__(
+        self, out_dir: Path, max_shard_bytes: int, overwrite: bool = False, expected_bytes: int | None = None
+    ) -> None:
         prepare_output(out_dir, overwrite)
         self.out_dir = out_dir
         self.max_shard_bytes = max_shard_bytes
         self.overwrite = overwrite
-        self._folder = TempFolder(out_dir)
+        self.expected_bytes = expected_bytes
+        self._folder = TempFolder(out_dir)  # after it removed dead runs' leftovers: count their space as free
+        if expected_bytes is not None and expected_bytes > shutil.disk_usage(out_dir.parent).free:
+            self._folder.discard()
+            raise disk_full_error(out_dir, expected_bytes)
         self.tmp_dir = self._folder.path
         self._pending: Tensors = {}
         self._pending_bytes = 0
@@ -69,8 +85,13 @@ class ShardedWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if not self._committed:
-            self._folder.discard()
+        if self._committed:
+            return
+        if exc is not None:
+            known = self.expected_bytes is not None
+            needed = self.expected_bytes if known else self.bytes_written
+            raise_if_disk_full(exc, self.out_dir, self._folder.discard, needed, at_least=not known)
+        self._folder.discard()
 
     @property
     def bytes_written(self) -> int:
@@ -83,8 +104,18 @@ class ShardedWriter:
         return self._pending_bytes
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor (copied to contiguous CPU memory) for the current shard."""
-        tensor = tensor.detach().to("cpu").contiguous()
+        """Queue one tensor (copied to contiguous CPU memory) for the current shard.
+
+        Raises:
+            SupermergeError: the tensor holds NaN or Inf (naming the output and the tensor).
+        """
+        tensor = tensor.detach()
+        bad = non_finite(tensor)
+        if bad is not None:
+            where = f"{self.out_dir}: tensor '{name}'"
+            hint = _non_finite_hint(tensor.dtype)
+            raise SupermergeError(f"{where}: merged values are not finite ({bad}); {hint}")
+        tensor = tensor.to("cpu").contiguous()
         self._pending[name] = tensor
         self._pending_bytes += nbytes(tensor)
         if self._pending_bytes >= self.max_shard_bytes:
@@ -130,3 +161,11 @@ class ShardedWriter:
         self._folder.commit()
         self._committed = True
         return self.out_dir
+
+
+def _non_finite_hint(dtype: torch.dtype) -> str:
+    """What to try when merged values of `dtype` are not finite: a narrow dtype overflows easily."""
+    if dtype.itemsize >= 4:
+        return "check the method's coefficients"
+    name = str(dtype).removeprefix("torch.")
+    return f"{name} holds at most {torch.finfo(dtype).max:g}: choose dtype float32 or smaller coefficients"

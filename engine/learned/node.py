@@ -28,7 +28,7 @@ from supermerge.distributed.stores.resident import ShardStore
 from supermerge.distributed.stores.zero import ZeroShardStore
 from supermerge.io.checkpoint import Checkpoint, Tensors
 from supermerge.io.memory import peak_rss_bytes
-from supermerge.io.output import write_tensors
+from supermerge.io.output import output_bytes, write_tensors
 from supermerge.io.writer import ShardedWriter
 from supermerge.learned.body import Body, MergedBody
 from supermerge.learned.coefficients import CoefficientLayout
@@ -195,9 +195,11 @@ def train_node(
     source = TaskVectorSource(inputs.source.base, children, inputs.cfg.heads, inputs.storage_dtype)
     layout = CoefficientLayout.build(source.names, params.granularity, params.blocks)
     body = build_body(inputs, source, layout, node.init, comm, task_groups, progress)
+    source.warn_identical_experts()
     tasks = [inputs.tasks[t] for t in node.leaves]
     settings = params.train_config()
-    trainer = CoefficientTrainer(body, inputs.model, tasks, inputs.fixed, settings, state_path, comm)
+    names = [c.name for c in children]
+    trainer = CoefficientTrainer(body, inputs.model, tasks, inputs.fixed, settings, state_path, comm, names)
     log.info("node %s: %d inputs, %d tasks, W %s", node.id, len(children), len(tasks), tuple(body.w.shape))
     before = trainer.accuracy()
     comm.stats.reset()
@@ -210,7 +212,7 @@ def train_node(
     per_rank = comm.gather_objects((body.task_vector_bytes, peak_rss_bytes()))
     record = NodeRecord(
         node=node.id,
-        children=[c.name for c in children],
+        children=names,
         leaves=list(node.leaves),
         columns=layout.labels,
         coefficients=body.coefficients().tolist(),
@@ -245,7 +247,9 @@ def write_node(
         take_part_in_gathers(merged, source)
         return
     node_dir.parent.mkdir(parents=True, exist_ok=True)
-    with ShardedWriter(node_dir, shard_size, overwrite=True) as writer:
+    with ShardedWriter(
+        node_dir, shard_size, overwrite=True, expected_bytes=output_bytes(source, None)
+    ) as writer:
         write_tensors(writer, source, merged.__getitem__, None, progress=False)
         for path in source.base.carried:
             writer.copy_file(path)

@@ -20,7 +20,9 @@ in a fixed order: nothing random to replay).
 from __future__ import annotations
 
 import logging
+import math
 import os
+import pickle
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,7 +66,7 @@ class History:
 
 
 class CoefficientTrainer:
-    """Trains a MergedBody's W on the tasks (see module docstring).
+    """Trains a body's W on the tasks (see module docstring).
 
     Args:
         body: coefficients over the task-vector store.
@@ -76,6 +78,7 @@ class CoefficientTrainer:
             writes it, every rank reads it on resume.
         comm: the ranks training together (None: this process alone); they split the
             micro-batches and sum losses and gradients.
+        inputs: names of W's rows, the merged inputs (default: the tasks, as in a flat merge).
     """
 
     def __init__(
@@ -87,8 +90,10 @@ class CoefficientTrainer:
         cfg: TrainConfig,
         state_path: Path | None = None,
         comm: Comm | None = None,
+        inputs: list[str] | None = None,
     ) -> None:
         self.body, self.model, self.tasks, self.fixed, self.cfg = body, model, tasks, fixed, cfg
+        self.inputs = inputs if inputs is not None else [task.name for task in tasks]
         self.comm = comm if comm is not None else Comm(None, [0], 0)
         self.objective = resolve_objective(cfg.objective)
         self.state_path = state_path
@@ -147,7 +152,13 @@ class CoefficientTrainer:
             torch.save(state, tmp)
 
     def _load(self) -> tuple[int, History, float, int]:
-        state = torch.load(self.state_path, weights_only=False)
+        try:  # tensors and plain types only: a tampered state must not run code
+            state = torch.load(self.state_path, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            raise SupermergeError(
+                f"{self.state_path}: not a training state this version reads safely "
+                f"({str(e).splitlines()[0]}); start over with --overwrite"
+            ) from None
         if state["fingerprint"] != self._fingerprint():
             raise SupermergeError(
                 f"{self.state_path}: saved training state was made with other settings "
@@ -159,6 +170,20 @@ class CoefficientTrainer:
         history = History(**state["history"])
         log.info("resumed from %s at step %d", self.state_path, state["step"])
         return state["step"], history, state["best"], state["stale"]
+
+    def _check_finite(self, step: int, losses: dict[str, float]) -> None:
+        """Stop the run, naming the step and task, when a loss or W's gradient is not finite; the
+        training state on disk stays at its last (good) checkpoint."""
+        kept = "the last checkpoint of W is kept" if self.state_path is not None else "nothing was saved"
+        for task, loss in losses.items():
+            if not math.isfinite(loss):
+                raise SupermergeError(f"step {step}: the loss of task '{task}' is {loss} ({kept})")
+        rows = (~torch.isfinite(self.body.w.grad)).any(dim=1).nonzero().flatten().tolist()
+        if rows:
+            inputs = ", ".join(f"'{self.inputs[i]}'" for i in rows)
+            raise SupermergeError(
+                f"step {step}: the gradient of the coefficients of {inputs} is not finite ({kept})"
+            )
 
     def train(self, resume: bool = False, progress: bool = True) -> History:
         """Run the optimisation; returns the per-step loss history."""
@@ -172,6 +197,7 @@ class CoefficientTrainer:
             _maybe_die_for_test(self.comm.global_rank, step + 1)
             self.optimizer.zero_grad(set_to_none=True)
             losses = self.losses_and_grad()
+            self._check_finite(step + 1, losses)
             self.optimizer.step()
             step += 1
             history.losses.append(losses)

@@ -77,6 +77,9 @@ class SuperMergeParams(TrainConfig):
         for name in ("steps", "batch_size", "validation_size", "checkpoint_every", "similarity_tensors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        for name in ("early_stop_patience", "early_stop_min_delta"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be 0 or more, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr: must be positive, got {self.lr}")
         if self.granularity not in GRANULARITIES:

@@ -6,11 +6,16 @@ base and the k task vectors in the accumulation dtype (fp32), cast to the storag
 Tensors matching the user's head patterns are task-specific: they are never merged and may
 differ in shape or be absent from the base. Non-float tensors (integer buffers such as
 `position_ids`) are not weights: they are carried from the base and need not be in the experts.
+
+Two merges that run but do nothing useful are warned about (logging, one line each): an expert
+whose config.json cannot be compared with the base's (`open_source`), and an expert identical to
+the base (`TaskVectorSource.warn_identical_experts`, once its task vectors have been read).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +24,10 @@ import torch
 
 from supermerge.errors import InputError
 from supermerge.io.checkpoint import Checkpoint
+from supermerge.io.finite import non_finite
 from supermerge.io.memory import nbytes
+
+log = logging.getLogger(__name__)
 
 # config.json fields that fix the architecture: experts must agree with the base on these.
 ARCHITECTURE_FIELDS = (
@@ -55,11 +63,8 @@ def is_head(name: str, head_patterns: Sequence[str]) -> bool:
 
 def check_finite(tensor: torch.Tensor, checkpoint: Checkpoint, name: str) -> None:
     """Raise InputError naming the file and tensor if `tensor` holds NaN or Inf."""
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return
-    low, high = torch.aminmax(tensor)  # NaN and +-Inf surface in the extremes; 10x faster than isfinite
-    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
-        bad = "NaN" if bool(torch.isnan(low) | torch.isnan(high)) else "Inf"
+    bad = non_finite(tensor)
+    if bad is not None:
         raise InputError(checkpoint.infos[name].file, f"weight contains {bad}", name)
 
 
@@ -92,6 +97,9 @@ class TaskVectorSource:
         self.storage_dtype = storage_dtype or torch.float32
         self.names = [n for n in base.names if self.mergeable(base, n)]
         self.bytes_read = 0
+        # per expert: a task vector tensor with a nonzero entry was read; else the names read in full
+        self._differs = [False] * self.k
+        self._zero_in_full: list[set[str]] = [set() for _ in self.experts]
         for expert in self.experts:
             self._check_compatible(expert)
 
@@ -166,7 +174,26 @@ class TaskVectorSource:
         expert = self.experts[index].checkpoint
         # a copy: read() may hand out memory-mapped data that must not change
         tau = self._read(expert, name, span).to(base.device, torch.float32, copy=True).sub_(base)
+        if not self._differs[index]:
+            if bool(tau.any()):
+                self._differs[index] = True
+            elif span is None or span == (0, expert.infos[name].numel):
+                self._zero_in_full[index].add(name)
         return tau.to(self.storage_dtype)
+
+    def warn_identical_experts(self) -> None:
+        """Log a warning for each expert identical to the base: every mergeable tensor's task
+        vector was read in full (by `task_vector(s)`) and all of them were zero. Call it once a
+        merge has read its task vectors; experts only partly read (tensor ranges) are not judged.
+        """
+        for expert, differs, zero in zip(self.experts, self._differs, self._zero_in_full, strict=True):
+            if self.names and not differs and zero.issuperset(self.names):
+                log.warning(
+                    "expert '%s' (%s) is identical to the base in every merged tensor: "
+                    "its task vector is zero and it changes nothing",
+                    expert.name,
+                    expert.checkpoint.path,
+                )
 
     def heads(self, expert: Expert) -> dict[str, torch.Tensor]:
         """The task-specific tensors of one expert (names matching the head patterns)."""
@@ -179,6 +206,27 @@ class TaskVectorSource:
 
 def open_source(base: Path, experts: Sequence[tuple[str, Path]], heads: Sequence[str]) -> TaskVectorSource:
     """Open base and experts ((name, path) pairs) lazily and check they are compatible (no tensor
-    data is read)."""
-    opened = [Expert(name, Checkpoint(path)) for name, path in experts]
-    return TaskVectorSource(Checkpoint(base), opened, heads)
+    data is read).
+
+    The architecture fields of config.json are compared only where the base and the expert both
+    have one; otherwise a warning says so: one per expert without config.json when the base has
+    one, a single one when the base has none (then no expert can be checked, whatever it has).
+    Names, shapes and dtypes of the tensors are checked in every case.
+    """
+    source = TaskVectorSource(
+        Checkpoint(base), [Expert(name, Checkpoint(path)) for name, path in experts], heads
+    )
+    if source.base.config is None:
+        log.warning(
+            "architectures not checked: the base (%s) has no config.json to compare the experts' with",
+            source.base.path,
+        )
+    else:
+        for expert in source.experts:
+            if expert.checkpoint.config is None:
+                log.warning(
+                    "architecture of expert '%s' (%s) not checked against the base: it has no config.json",
+                    expert.name,
+                    expert.checkpoint.path,
+                )
+    return source

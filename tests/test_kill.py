@@ -1,0 +1,136 @@
+"""Real `supermerge merge` processes SIGKILLed at random moments: the output is absent or complete,
+the next run succeeds and leaves no temporary folder, and a learned run resumes to the W of an
+uninterrupted one."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from supermerge.io.checkpoint import Checkpoint
+from tests.jobs import write_config
+
+PARAMS_PER_TENSOR = 2**22  # 16 MiB in fp32
+TENSORS = 6  # ~100 MiB per model: base + 2 experts read, ~100 MiB written in 5 shards
+RUN_TIMEOUT_S = 300
+
+
+def merge_command(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "supermerge", "-q", "merge", str(config), *extra]
+
+
+def run_to_end(argv: list[str]) -> float:
+    """Run a command to completion (it must succeed); returns its wall time in seconds."""
+    start = time.perf_counter()
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
+    return time.perf_counter() - start
+
+
+def run_and_kill(argv: list[str], after_s: float) -> None:
+    """Start a command in its own session and SIGKILL its whole group `after_s` seconds later
+    (or let it finish first)."""
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        proc.wait(timeout=after_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def leftovers(output: Path) -> list[str]:
+    """Temporary files or folders of a run beside the output."""
+    return sorted(p.name for p in output.parent.iterdir() if p.name.startswith(f".{output.name}."))
+
+
+@pytest.fixture(scope="module")
+def big_models(tmp_path_factory) -> tuple[Path, list[Path]]:
+    root = tmp_path_factory.mktemp("big")
+    gen = torch.Generator().manual_seed(5)
+    base = {f"layer.{i}.weight": torch.randn(PARAMS_PER_TENSOR, generator=gen) for i in range(TENSORS)}
+    folders = []
+    for name, scale in (("base", 0.0), ("e0", 0.01), ("e1", 0.02)):
+        folder = root / name
+        folder.mkdir()
+        state = {n: t + scale * torch.randn(t.shape, generator=gen) for n, t in base.items()}
+        save_file(state, str(folder / "model.safetensors"))
+        folders.append(folder)
+    return folders[0], folders[1:]
+
+
+@pytest.mark.slow
+def test_a_merge_killed_at_random_moments_leaves_nothing_or_a_complete_output(
+    big_models, tmp_path: Path, seed: int
+) -> None:
+    base, experts = big_models
+    output = tmp_path / "merged"
+    doc = {
+        "base": str(base),
+        "experts": [{"name": p.name, "path": str(p)} for p in experts],
+        "method": {"name": "ties", "density": 0.5},
+        "output": str(output),
+        "shard_size": "20MB",
+    }
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    full_s = run_to_end(merge_command(config))
+    reference = {n: Checkpoint(output).read(n) for n in Checkpoint(output).names}
+    rng = random.Random(seed)
+    for kill in range(10):
+        after = rng.uniform(0.0, full_s)
+        run_and_kill(merge_command(config, "--overwrite"), after)
+        if output.exists():  # complete: every tensor there, as the uninterrupted run wrote it
+            merged = Checkpoint(output)
+            assert sorted(merged.names) == sorted(reference), f"kill {kill} at {after:.2f} s"
+            for name, tensor in reference.items():
+                assert torch.equal(merged.read(name), tensor), f"kill {kill} at {after:.2f} s: {name}"
+        run_to_end(merge_command(config, "--overwrite"))
+        assert leftovers(output) == [], f"kill {kill} at {after:.2f} s"
+        assert all(torch.equal(Checkpoint(output).read(n), t) for n, t in reference.items())
+
+
+def saved_step(state: Path) -> int:
+    """The step of a training-state checkpoint (0 while there is none)."""
+    try:
+        return torch.load(state, weights_only=True)["step"]
+    except (FileNotFoundError, EOFError, RuntimeError):
+        return 0
+
+
+@pytest.mark.slow
+def test_a_learned_merge_killed_at_random_steps_resumes_to_the_uninterrupted_w(
+    toy, tmp_path: Path, seed: int
+) -> None:
+    steps = 30
+    run_to_end(merge_command(write_config(tmp_path, toy, "whole", steps=steps, checkpoint_every=1)))
+    killed = write_config(tmp_path, toy, "killed", steps=steps, checkpoint_every=1)
+    state = tmp_path / "killed.run" / "root.state.pt"
+    targets = sorted(random.Random(seed).sample(range(1, steps), 3))
+    for target in targets:  # each run resumes the last one and is killed once it has saved `target`
+        proc = subprocess.Popen(
+            merge_command(killed, "--resume"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while saved_step(state) < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert target <= saved_step(state) < steps, (target, saved_step(state))
+    run_to_end(merge_command(killed, "--resume"))
+    whole, resumed = Checkpoint(tmp_path / "whole"), Checkpoint(tmp_path / "killed")
+    for name in whole.names:
+        assert torch.equal(whole.read(name), resumed.read(name)), name
+    assert leftovers(tmp_path / "killed") == [] and not (tmp_path / "killed.run").exists()

@@ -3,17 +3,20 @@
 Builds a synthetic Llama-shaped model (embedding, N layers of q/k/v/o/gate/up/down + 2 norms,
 final norm, untied lm_head) of about --params parameters in --dtype, saved as sharded
 safetensors with an HF config.json, plus --experts experts (base + N(0, (0.1 * 0.02)^2)
-deltas). Then merges it with task_arithmetic and TIES using each tool, each run in a FRESH
-subprocess: peak RSS is the child's ru_maxrss (via /usr/bin/time), wall time is the parent's
-clock around the child (imports included); the child also reports its merge-only seconds.
-Both tools do the math in fp32 and write the base's dtype with the same shard size.
+deltas). Then merges it with every method both tools offer, each tool given the SAME mergekit
+config (supermerge reads it as it is), each run in a FRESH subprocess: peak RSS is the child's
+ru_maxrss (via /usr/bin/time), wall time is the parent's clock around the child (imports
+included); the child also reports its merge-only seconds. Both do the math in fp32 (`dtype:
+float32`) and write the base's dtype with the same shard size. Random methods (DARE, DELLA) draw
+other masks in each tool, so their outputs are not compared.
 
 Our theoretical bound: one tensor group above the output buffers =
 (1 base + k task vectors + 1 merged) * largest numel * 4 bytes + shard size; it is compared
 with our peak RSS minus a baseline process that only imports `supermerge.merge` (python+torch).
 
     python benchmarks/bench_merge_vs_mergekit.py                 # 500M params, 4 experts, bf16
-    python benchmarks/bench_merge_vs_mergekit.py --params 50e6 --keep --results out.md
+    python benchmarks/bench_merge_vs_mergekit.py --methods linear ties --results out.md
+    python benchmarks/bench_merge_vs_mergekit.py --params 100e6 --methods all
 """
 
 from __future__ import annotations
@@ -127,13 +130,16 @@ def write_model(
 
 
 OURS_CHILD = """
-import json, sys, time
-from pathlib import Path
-from supermerge.config import config_from_dict
+import dataclasses, json, sys, tempfile, time
+from supermerge.config import load_config
 from supermerge.merge import run_merge
-raw = json.loads(sys.argv[1])
+raw, out, shard = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+    f.write(json.dumps(raw))
+    f.flush()
+    cfg = dataclasses.replace(load_config(f.name, out), shard_size=shard)  # mergekit's out_shard_size
 start = time.perf_counter()
-summary = run_merge(config_from_dict(raw, Path(raw["output"]).parent), progress=False)
+summary = run_merge(cfg, progress=False)
 print(json.dumps({"merge_s": time.perf_counter() - start, "peak_tensor_bytes": summary.peak_tensor_bytes}))
 """
 
@@ -183,30 +189,38 @@ def run_child(code: str, *args: str) -> Run:
     return Run(wall, merge_s, peak_kib * 1024)
 
 
-def merge_configs(
-    method: str, base: Path, experts: list[Path], out: Path, density: float, shard: int, out_dtype: str
-) -> tuple[dict, dict]:
-    """(supermerge config, mergekit config) of one merge: lambda 1, weight 1, TIES density.
+# mergekit name -> (experts it takes (None: all), per-model parameters, global parameters)
+METHODS: dict[str, tuple[int | None, dict, dict]] = {
+    "linear": (None, {"weight": 1.0}, {}),
+    "task_arithmetic": (None, {"weight": 1.0}, {}),
+    "ties": (None, {"weight": 1.0, "density": 0.5}, {}),
+    "dare_linear": (None, {"weight": 1.0, "density": 0.5}, {}),
+    "dare_ties": (None, {"weight": 1.0, "density": 0.5}, {}),
+    "breadcrumbs": (None, {"weight": 1.0, "density": 0.5}, {"gamma": 0.01}),
+    "breadcrumbs_ties": (None, {"weight": 1.0, "density": 0.5}, {"gamma": 0.01}),
+    "della": (None, {"weight": 1.0, "density": 0.5}, {"epsilon": 0.1}),
+    "della_linear": (None, {"weight": 1.0, "density": 0.5}, {"epsilon": 0.1}),
+    "sce": (None, {"weight": 1.0}, {"select_topk": 0.5}),
+    "slerp": (1, {}, {"t": 0.5}),
+    "nuslerp": (2, {"weight": 1.0}, {}),
+    "multislerp": (None, {"weight": 1.0}, {}),
+    "karcher": (None, {}, {}),
+    "model_stock": (None, {}, {}),
+}
+RANDOM = {"dare_linear", "dare_ties", "della", "della_linear"}  # masks drawn differently per tool
 
-    Both compute in fp32 and write `out_dtype` (the stored dtype of the inputs).
-    """
-    shared = {"density": density} if method == "ties" else {}
-    ours = {
-        "base": str(base),
-        "experts": [{"name": p.name, "path": str(p)} for p in experts],
-        "method": {"name": method, **shared},
-        "output": str(out / "supermerge"),
-        "shard_size": shard,
-        "dtype": out_dtype,
-    }
-    theirs = {
+
+def merge_config(method: str, base: Path, experts: list[Path], out_dtype: str) -> dict:
+    """The mergekit config of one merge (both tools run it): fp32 math, `out_dtype` output."""
+    count, per_model, shared = METHODS[method]
+    return {
         "merge_method": method,
-        "base_model": str(base),
-        "models": [{"model": str(p), "parameters": {"weight": 1.0, **shared}} for p in experts],
+        **({} if method == "linear" else {"base_model": str(base)}),  # linear uses no base
+        "models": [{"model": str(p), "parameters": per_model} for p in experts[:count]],
+        "parameters": shared,
         "dtype": "float32",
         "out_dtype": out_dtype,
     }
-    return ours, theirs
 
 
 def max_relative_diff(a_dir: Path, b_dir: Path, names: list[str]) -> float:
@@ -239,8 +253,12 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--shard-size", type=int, default=2**30, help="bytes per shard, in and out")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="stored dtype")
-    parser.add_argument("--density", type=float, default=0.5, help="TIES density")
-    parser.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["linear", "task_arithmetic", "ties"],
+        help=f"'all' or of {list(METHODS)}",
+    )
     parser.add_argument("--workdir", type=Path, default=REPO / ".cache" / "bench" / "merge_vs_mergekit")
     parser.add_argument("--keep", action="store_true", help="keep the generated models")
     parser.add_argument("--results", type=Path, help="write the results as markdown here")
@@ -277,21 +295,18 @@ def main() -> None:
     check = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"]
     check += [f"model.layers.{layers - 1}.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight"]
     rows = []
-    for method in args.methods:
+    methods = list(METHODS) if args.methods == ["all"] else args.methods
+    for method in methods:
         out = args.workdir / method
         out.mkdir(parents=True)
-        ours_cfg, theirs_cfg = merge_configs(
-            method, models / "base", experts, out, args.density, args.shard_size, args.dtype
-        )
+        config = json.dumps(merge_config(method, models / "base", experts, args.dtype))
         print(f"{method}: supermerge ...", flush=True)
-        ours = run_child(OURS_CHILD, json.dumps(ours_cfg))
+        ours = run_child(OURS_CHILD, config, str(out / "supermerge"), str(args.shard_size))
         print(f"  {ours}", flush=True)
         print(f"{method}: mergekit ...", flush=True)
-        theirs = run_child(
-            MERGEKIT_CHILD, json.dumps(theirs_cfg), str(out / "mergekit"), str(args.shard_size)
-        )
+        theirs = run_child(MERGEKIT_CHILD, config, str(out / "mergekit"), str(args.shard_size))
         print(f"  {theirs}", flush=True)
-        diff = max_relative_diff(out / "supermerge", out / "mergekit", check)
+        diff = None if method in RANDOM else max_relative_diff(out / "supermerge", out / "mergekit", check)
         rows.append((method, ours, theirs, diff))
         shutil.rmtree(out)
 
@@ -301,7 +316,7 @@ def main() -> None:
         f"Model: synthetic Llama-shaped, {layers} layers (hidden {HIDDEN}, intermediate {INTERMEDIATE}, "
         f"vocab {VOCAB}, untied lm_head), {numel / 1e6:.0f}M params, stored {args.dtype}, sharded "
         f"{gib(args.shard_size)}; {args.experts} experts = base + N(0, {DELTA_STD}^2); math in fp32, "
-        f"output {args.dtype}, output shard {gib(args.shard_size)}; TIES density {args.density}.",
+        f"output {args.dtype}, output shard {gib(args.shard_size)}; parameters as in METHODS.",
         "Each run is a fresh process; process s includes imports, merge s is run_merge only.",
         "",
         "| method | tool | process s | merge s | peak RSS | time ratio ours/mk | RSS ratio ours/mk "
@@ -311,7 +326,8 @@ def main() -> None:
     for method, ours, theirs, diff in rows:
         for tool, run in (("supermerge", ours), ("mergekit 0.1.5", theirs)):
             ratios = (
-                f"{ours.wall_s / theirs.wall_s:.2f} | {ours.peak_rss / theirs.peak_rss:.2f} | {diff:.2e}"
+                f"{ours.wall_s / theirs.wall_s:.2f} | {ours.peak_rss / theirs.peak_rss:.2f} | "
+                + ("random masks" if diff is None else f"{diff:.2e}")
                 if run is ours
                 else " | | "
             )

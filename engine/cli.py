@@ -1,4 +1,4 @@
-"""The `supermerge` command: merge, plan, methods, suite, finetune, evaluate, demo.
+"""The `supermerge` command: merge, convert, plan, methods, suite, finetune, evaluate, demo.
 
 `supermerge merge` runs as one process, or on many under torchrun, `deepspeed` or
 `accelerate launch` (see launch/README.md); `python -m supermerge` is the same command.
@@ -27,7 +27,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from supermerge.learned_merge import run_learned_merge
     from supermerge.merge import run_merge
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.out_path)
     if cfg.learned:
         summary = run_learned_merge(cfg, args.overwrite, args.resume, progress=not args.quiet)
     elif args.resume:
@@ -36,6 +36,27 @@ def cmd_merge(args: argparse.Namespace) -> int:
         summary = run_merge(cfg, overwrite=args.overwrite, progress=not args.quiet)
     if Launch.from_env().rank == 0:  # one line per job, not per rank
         print(summary.line())
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from supermerge.config import mergekit_native, read_yaml
+    from supermerge.io.atomic import atomic_file
+    from supermerge.io.output import config_yaml
+    from supermerge.mergekit_config import is_mergekit
+
+    source, target = Path(args.mergekit_config), Path(args.native_config)
+    raw = read_yaml(source)
+    if not is_mergekit(raw):
+        raise SupermergeError(f"{source}: not a mergekit config (it has no merge_method)")
+    if target.resolve() == source.resolve():
+        raise SupermergeError(f"{target}: is the mergekit config being converted; write elsewhere")
+    native = mergekit_native(raw, source, Path(args.output) if args.output else None)
+    with atomic_file(target) as tmp:
+        tmp.write_text(f"# converted from {source.absolute()} by supermerge convert\n" + config_yaml(native))
+    print(target)
     return 0
 
 
@@ -151,10 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
         "merge",
         help="merge the experts named in a YAML config",
         description="Merge base + experts as CONFIG says and write the merged model "
-        "(sharded safetensors + index + config) to its output folder. "
-        "See README.md for the YAML format.",
+        "(sharded safetensors + index + config, the complete config as supermerge_config.yaml and a "
+        "model card README.md) to its output folder. CONFIG is supermerge's YAML or a mergekit config "
+        "(one with merge_method), read as it is. See README.md for the YAML format.",
     )
-    merge.add_argument("config", help="merge YAML file")
+    merge.add_argument("config", help="merge YAML file (supermerge's or mergekit's)")
+    merge.add_argument(
+        "out_path",
+        nargs="?",
+        help="output folder (required for a mergekit config; overrides the config's output)",
+    )
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     merge.add_argument(
         "--resume",
@@ -163,6 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
         "the last checkpoint of W are reused)",
     )
     merge.set_defaults(func=cmd_merge)
+
+    convert = sub.add_parser(
+        "convert",
+        help="write the supermerge YAML of a mergekit config",
+        description="Read a mergekit config (as `supermerge merge` does) and write the same merge in "
+        "supermerge's YAML schema, paths absolute; it merges to the same tensors.",
+    )
+    convert.add_argument("mergekit_config", help="mergekit YAML file")
+    convert.add_argument("native_config", help="supermerge YAML file to write (not the input)")
+    convert.add_argument("--output", help="output folder to record in it (else give it to supermerge merge)")
+    convert.set_defaults(func=cmd_convert)
 
     plan = sub.add_parser(
         "plan",

@@ -4,13 +4,13 @@
     experts:                      # one entry per task expert, in task order
       - name: noun                # task name (default: the path's stem), unique
         path: path/to/expert      # same formats as base
-        weight: 1.0               # optional per-expert override of method.weight
-        density: 0.5              # optional per-expert override of method.density
+        weight: 1.0               # optional per-expert override of a method parameter: any
+        density: 0.5              #   the method takes per expert (`supermerge methods`)
         data: path/to/noun.jsonl  # validation data (learned methods; see supermerge.learned.data)
     method:
-      name: ties                  # average | task_arithmetic | ties | dare_linear | dare_ties
-      density: 0.5                # | supermerge | adamerging; parameters: `supermerge methods`
-      lambda: 1.0
+      name: ties                  # `supermerge methods` lists them; training-free parameters and
+      density: 0.5                #   the per-expert ones above take settings that vary per tensor:
+      lambda: 1.0                 #   [0, 0.5, 1] over depth, [{filter: mlp, value: 0.3}, {value: 1}]
     model:                        # learned methods: how logits are computed (ModelSpec)
       kind: hf_encoder            # hf_encoder | torch_module
       factory: null               # torch_module: "package.module:function" -> nn.Module
@@ -19,6 +19,16 @@
     heads: ["classifier.*"]       # globs of task-specific tensors, never merged
     output: path/to/merged        # output folder (must not exist unless --overwrite)
     dtype: null                   # output dtype: float32 | bfloat16 | float16 (null: base's)
+    compute_dtype: null           # training-free: null (fp32 whatever the storage) | bfloat16 |
+                                  # float16: compute as mergekit does, in that dtype
+    tokenizer: base               # training-free: whose tokenizer files the output carries: base
+                                  # or an expert's name (vocabularies must be the same)
+    slices:                       # training-free: the output's layers from ranges of layers
+      - sources:                  # one slice: aligned layer ranges, merged by the method
+          - model: base           # base or an expert's name
+            layer_range: [0, 16]  # layers [first, end) of that model
+            weight: 0.5           # per-expert parameters of this source (optional)
+        t: 0.3                    # parameters of this slice's merges (optional)
     device: cpu                   # where the math runs: cpu | cuda | cuda:N
     shard_size: 2GB               # max bytes per output shard (B, KB, MB, GB)
     seed: 0                       # seeds random methods (DARE), per expert and tensor
@@ -37,7 +47,8 @@
 
 Every block is a frozen dataclass below (the method block: the method's own `Params`, in
 `supermerge.methods`), parsed by `supermerge.schema.parse_block`. Relative paths are resolved
-against the YAML file's folder.
+against the YAML file's folder. A mergekit config (one with `merge_method`) is read as it is:
+`supermerge.mergekit_config` turns it into this schema first.
 """
 
 from __future__ import annotations
@@ -52,10 +63,12 @@ from typing import Any
 import torch
 import yaml
 
-from supermerge.errors import ConfigError, InputError
-from supermerge.methods import REGISTRY, ExpertParams, resolve_experts
+from supermerge.errors import ConfigError, InputError, SupermergeError
+from supermerge.mergekit_config import is_mergekit, to_native
+from supermerge.methods import REGISTRY, ExpertParams
 from supermerge.methods.learned import LEARNED
-from supermerge.schema import parse_block
+from supermerge.methods.settings import Setting, as_yaml, check_settings, parse_setting
+from supermerge.schema import YAML_NAMES, parse_block
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DATA_SUFFIXES = (".jsonl", ".pt", ".safetensors")
@@ -72,20 +85,69 @@ class ExpertSpec:
     Attributes:
         path: the expert's checkpoint (HF folder, .safetensors or torch state_dict file).
         name: task name (default: the path's stem).
-        weight, density: per-expert overrides of the method's parameters (None: the method's).
         data: the task's validation data (learned methods).
+        params: its own values of the method's per-expert parameters (weight, density, ...), as
+            settings (supermerge.methods.settings); the method's own values where absent.
     """
 
     path: Path
     name: str | None = None
-    weight: float | None = None
-    density: float | None = None
     data: Path | None = None
+    params: Mapping[str, Setting] = field(default_factory=dict)
 
     @property
-    def overrides(self) -> dict[str, float]:
-        """The per-expert method parameters this entry sets."""
-        return {k: v for k, v in (("weight", self.weight), ("density", self.density)) if v is not None}
+    def overrides(self) -> dict[str, Any]:
+        """The per-expert method parameters this entry sets, as YAML data."""
+        return {k: as_yaml(v) for k, v in self.params.items()}
+
+
+@dataclass(frozen=True)
+class _ExpertFields:
+    """The fields of an expert entry besides its method parameters."""
+
+    path: Path | None = None
+    name: str | None = None
+    data: Path | None = None
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One source of a slice: a layer range of one model.
+
+    Attributes:
+        model: "base" or an expert's name.
+        layers: the range [first, end) of that model's layers (0-based).
+        params: per-expert settings of this source (above the expert entry's own).
+    """
+
+    model: str
+    layers: tuple[int, int]
+    params: Mapping[str, Setting] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.layers[1] - self.layers[0]
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """One `slices:` entry: output layers merged from aligned layer ranges of its sources.
+
+    Attributes:
+        sources: the sources, all of one length; the one whose model is "base" is the base of
+            the slice's merges, else the first source carries the tensors (and is an expert too).
+        params: the method's settings for this slice (above the method block's).
+    """
+
+    sources: tuple[SourceSpec, ...]
+    params: Mapping[str, Setting] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.sources[0])
+
+    @property
+    def experts(self) -> list[str]:
+        """The names of the experts this slice merges (every source but the base)."""
+        return [s.model for s in self.sources if s.model != "base"]
 
 
 @dataclass(frozen=True)
@@ -160,16 +222,19 @@ class MethodSpec:
 
     Attributes:
         name: registered method name.
-        params: the method's `Params` dataclass, validated.
-        experts: training-free methods: each expert's resolved weight / density (empty for
-            learned methods).
+        params: the method's `Params` dataclass, validated (settings that vary per tensor at
+            their first value).
+        experts: training-free methods: each expert's resolved per-expert parameters, settings
+            at their first value (empty for learned methods).
         given: the block as written (without `name`), kept for the output's record.
+        settings: training-free methods: the block's parameters as settings.
     """
 
     name: str
     params: Any
     experts: tuple[ExpertParams, ...] = ()
     given: Mapping[str, Any] = field(default_factory=dict)
+    settings: Mapping[str, Setting] = field(default_factory=dict)
 
     @property
     def learned(self) -> bool:
@@ -187,6 +252,9 @@ class MergeConfig:
     output: Path
     heads: tuple[str, ...] = ()
     dtype: torch.dtype | None = None
+    compute_dtype: torch.dtype | None = None
+    tokenizer: str | None = None
+    slices: tuple[SliceSpec, ...] = ()
     device: str = "cpu"
     shard_size: int = 2 * 2**30
     seed: int = 0
@@ -198,22 +266,89 @@ class MergeConfig:
     def learned(self) -> bool:
         return self.method.learned
 
+    def expert(self, name: str) -> ExpertSpec:
+        """The expert named `name`."""
+        return next(e for e in self.experts if e.name == name)
+
     def inputs(self) -> list[tuple[str, Path]]:
         """Every path the merge reads, labelled: the base, the experts, the tasks' data."""
         paths = [("the base", self.base), *((f"expert '{e.name}'", e.path) for e in self.experts)]
         return paths + [(f"the data of task '{e.name}'", e.data) for e in self.experts if e.data is not None]
 
     def record(self) -> dict:
-        """The config as JSON-friendly data, kept beside the merged model for provenance."""
-        params = dataclasses.asdict(self.method.params) if self.learned else dict(self.method.given)
-        return {
-            "base": str(self.base),
-            "experts": [{"name": e.name, "path": str(e.path), **e.overrides} for e in self.experts],
-            "method": {"name": self.method.name, **params},
-            "heads": list(self.heads),
-            "dtype": str(self.dtype).removeprefix("torch.") if self.dtype else None,
-            "seed": self.seed,
+        """The complete config in the YAML schema, paths absolute: what `config_from_dict` reads
+        back into this config (kept beside the merged model as supermerge_config.yaml and in
+        supermerge_merge.json, so the output can be made again)."""
+        if self.learned:
+            fields = dataclasses.asdict(self.method.params)
+            params = {YAML_NAMES.get(k, k): v for k, v in fields.items()}
+        else:
+            params = dict(self.method.given)
+        doc: dict[str, Any] = {
+            "base": str(self.base.absolute()),
+            "experts": [
+                {
+                    "name": e.name,
+                    "path": str(e.path.absolute()),
+                    **e.overrides,
+                    **({"data": str(e.data.absolute())} if e.data is not None else {}),
+                }
+                for e in self.experts
+            ],
         }
+        if self.slices:
+            doc["slices"] = [
+                {
+                    "sources": [
+                        {
+                            "model": s.model,
+                            "layer_range": list(s.layers),
+                            **{k: as_yaml(v) for k, v in s.params.items()},
+                        }
+                        for s in piece.sources
+                    ],
+                    **{k: as_yaml(v) for k, v in piece.params.items()},
+                }
+                for piece in self.slices
+            ]
+        doc["method"] = {"name": self.method.name, **params}
+        doc |= {
+            "heads": list(self.heads),
+            "output": str(self.output.absolute()),
+            "dtype": _dtype_name(self.dtype),
+        }
+        if not self.learned:
+            doc["compute_dtype"] = _dtype_name(self.compute_dtype)
+            if self.tokenizer is not None:
+                doc["tokenizer"] = self.tokenizer
+        doc |= {"seed": self.seed, "device": self.device, "shard_size": self.shard_size}
+        if self.learned:
+            doc["model"] = _changed(self.model)
+            doc["distributed"] = _changed(self.distributed)
+        return _plain(doc)
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
+
+
+def _changed(block: Any) -> dict:
+    """The fields of a block that differ from its defaults (what the YAML must say to rebuild it)."""
+    default = type(block)()
+    return {
+        f.name: v
+        for f in dataclasses.fields(block)
+        if (v := getattr(block, f.name)) != getattr(default, f.name)
+    }
+
+
+def _plain(value: Any) -> Any:
+    """`value` as YAML / JSON data: paths as strings, tuples as lists."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
 
 
 @dataclass(frozen=True)
@@ -226,6 +361,9 @@ class _TopLevel:
     output: Path | None = None
     heads: list = field(default_factory=list)
     dtype: str | None = None
+    compute_dtype: str | None = None
+    tokenizer: str | None = None
+    slices: list | None = None
     device: str = "cpu"
     shard_size: int = field(default=2 * 2**30, metadata={"size": True})
     seed: int = 0
@@ -236,8 +374,10 @@ class _TopLevel:
     def __post_init__(self) -> None:
         if not all(isinstance(h, str) for h in self.heads):
             raise ValueError("heads: expected a list of name patterns")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype: unknown dtype {self.dtype!r} (known: {', '.join(DTYPES)})")
+        for name in ("dtype", "compute_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in DTYPES:
+                raise ValueError(f"{name}: unknown dtype {value!r} (known: {', '.join(DTYPES)})")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device: expected cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -248,8 +388,13 @@ def _required(value: Any, where: str) -> Any:
     return value
 
 
+def _settings(raw: Mapping[str, Any], where: str) -> dict[str, Setting]:
+    """Each value of `raw` as a setting (scalar, gradient or filters), keys as written."""
+    return {key: parse_setting(value, f"{where}.{key}") for key, value in raw.items()}
+
+
 def _experts(raw: list, root: Path) -> tuple[ExpertSpec, ...]:
-    if not raw:
+    if not isinstance(raw, list) or not raw:
         raise ConfigError("experts", "needs at least one expert")
     experts: list[ExpertSpec] = []
     for i, entry in enumerate(raw):
@@ -258,16 +403,18 @@ def _experts(raw: list, root: Path) -> tuple[ExpertSpec, ...]:
             entry = {"path": entry}
         if not isinstance(entry, dict):
             raise ConfigError(where, "expected a mapping with 'path' (and 'name')")
-        _required(entry.get("path"), f"{where}.path")
-        spec = parse_block(ExpertSpec, entry, where, root)
-        spec = dataclasses.replace(spec, name=str(spec.name or spec.path.stem))
+        own = {k: v for k, v in entry.items() if k in {f.name for f in dataclasses.fields(_ExpertFields)}}
+        fields = parse_block(_ExpertFields, own, where, root)
+        path = _required(fields.path, f"{where}.path")
+        params = _settings({k: v for k, v in entry.items() if k not in own}, where)
+        spec = ExpertSpec(path, str(fields.name or path.stem), fields.data, params)
         if spec.name in {e.name for e in experts}:
             raise ConfigError(f"{where}.name", f"duplicate expert name '{spec.name}'")
         experts.append(spec)
     return tuple(experts)
 
 
-def _method(raw: Any, experts: tuple[ExpertSpec, ...]) -> MethodSpec:
+def _method(raw: Any, experts: tuple[ExpertSpec, ...], slices: tuple[SliceSpec, ...]) -> MethodSpec:
     if isinstance(raw, str):
         raw = {"name": raw}
     if not isinstance(raw, dict):
@@ -278,11 +425,79 @@ def _method(raw: Any, experts: tuple[ExpertSpec, ...]) -> MethodSpec:
     if cls is None:
         known = ", ".join(sorted([*REGISTRY, *LEARNED]))
         raise ConfigError("method.name", f"unknown method '{name}' (known: {known})")
-    params = parse_block(cls.Params, given, "method", owner=name)
     if name in LEARNED:
-        return MethodSpec(name, params, given=given)
-    entries = [{"name": e.name, **e.overrides} for e in experts]
-    return MethodSpec(name, params, tuple(resolve_experts(cls, params, entries)), given)
+        for i, e in enumerate(experts):
+            if e.params:
+                raise ConfigError(
+                    f"experts[{i}].{next(iter(e.params))}", f"'{name}' takes no per-expert parameters"
+                )
+        return MethodSpec(name, parse_block(cls.Params, given, "method", owner=name), given=given)
+    settings = _settings(given, "method")
+    entries = [(e.name, f"experts[{i}]", e.params) for i, e in enumerate(experts)]
+    params, resolved = check_settings(cls, settings, entries)
+    for s, piece in enumerate(slices):
+        try:
+            check_settings(cls, {**settings, **piece.params}, [])
+        except ConfigError as e:
+            key = e.field.removeprefix("method.")
+            raise ConfigError(f"slices[{s}].{key}" if key in piece.params else e.field, e.message) from None
+        for j, source in enumerate(piece.sources):
+            if source.params:
+                check_settings(cls, settings, [(source.model, f"slices[{s}].sources[{j}]", source.params)])
+    by_name = dict(zip((e.name for e in experts), resolved, strict=True))
+    for names in [piece.experts for piece in slices] or [list(by_name)]:
+        cls(params, [by_name[n] for n in names])  # the method's own checks (how many experts, ...)
+    return MethodSpec(name, params, tuple(resolved), given, settings)
+
+
+def _base_not_an_expert(experts: tuple[ExpertSpec, ...]) -> None:
+    for i, e in enumerate(experts):
+        if e.name == "base":
+            raise ConfigError(
+                f"experts[{i}].name", "'base' names the base model here: give this expert another name"
+            )
+
+
+def _slices(raw: list, experts: tuple[ExpertSpec, ...]) -> tuple[SliceSpec, ...]:
+    """The `slices:` list: sources naming the base or an expert, ranges of one length per slice."""
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("slices", "expected a list of slices, each with its sources")
+    models = {"base", *(e.name for e in experts)}
+    _base_not_an_expert(experts)
+    slices = []
+    for s, entry in enumerate(raw):
+        where = f"slices[{s}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
+            raise ConfigError(f"{where}.sources", "expected a list of sources ({model, layer_range})")
+        sources = []
+        for j, item in enumerate(entry["sources"]):
+            at = f"{where}.sources[{j}]"
+            if not isinstance(item, dict):
+                raise ConfigError(at, "expected a mapping with model and layer_range")
+            model = _required(item.get("model"), f"{at}.model")
+            if model not in models:
+                raise ConfigError(f"{at}.model", f"'{model}' is neither base nor an expert's name")
+            if model in {x.model for x in sources}:
+                raise ConfigError(f"{at}.model", f"'{model}' is already a source of this slice")
+            span = _required(item.get("layer_range"), f"{at}.layer_range")
+            if not (
+                isinstance(span, list)
+                and len(span) == 2
+                and all(type(x) is int for x in span)
+                and 0 <= span[0] < span[1]
+            ):
+                raise ConfigError(
+                    f"{at}.layer_range", f"expected [first, end) with 0 <= first < end, got {span!r}"
+                )
+            params = _settings({k: v for k, v in item.items() if k not in ("model", "layer_range")}, at)
+            if model == "base" and params:
+                raise ConfigError(f"{at}.{next(iter(params))}", "the base takes no per-expert parameters")
+            sources.append(SourceSpec(model, (span[0], span[1]), params))
+        if len({len(x) for x in sources}) > 1:
+            raise ConfigError(f"{where}.sources", "every source of a slice needs as many layers")
+        params = _settings({k: v for k, v in entry.items() if k != "sources"}, where)
+        slices.append(SliceSpec(tuple(sources), params))
+    return tuple(slices)
 
 
 def _with_data(experts: tuple[ExpertSpec, ...], data_dir: Path | None) -> tuple[ExpertSpec, ...]:
@@ -309,9 +524,16 @@ def _with_data(experts: tuple[ExpertSpec, ...], data_dir: Path | None) -> tuple[
     return tuple(result)
 
 
-def config_from_dict(raw: Any, root: Path, source: Path | None = None) -> MergeConfig:
+def config_from_dict(
+    raw: Any, root: Path, source: Path | None = None, output: Path | None = None
+) -> MergeConfig:
     """Validate a parsed YAML mapping into a MergeConfig; paths resolve against `root`.
 
+    Args:
+        raw: the YAML mapping (this schema; see `load_config` for mergekit's).
+        root: folder relative paths resolve against.
+        source: the file it came from, named in errors.
+        output: the output folder, overriding the mapping's `output`.
     Errors name the file (`source`) and the dotted field at fault.
     """
     try:
@@ -320,11 +542,21 @@ def config_from_dict(raw: Any, root: Path, source: Path | None = None) -> MergeC
         top = parse_block(_TopLevel, raw, "<top>", root)
         base = _required(top.base, "base")
         experts = _experts(_required(top.experts, "experts"), root)
-        method = _method(_required(top.method, "method"), experts)
+        slices = _slices(top.slices, experts) if top.slices is not None else ()
+        method = _method(_required(top.method, "method"), experts, slices)
         if method.learned:
+            for key in ("compute_dtype", "tokenizer", "slices"):
+                if getattr(top, key) is not None:
+                    raise ConfigError(key, f"applies to training-free methods, not '{method.name}'")
             experts = _with_data(experts, top.data_dir)
+        if top.tokenizer is not None:
+            _base_not_an_expert(experts)
+            if top.tokenizer not in {"base", *(e.name for e in experts)}:
+                raise ConfigError("tokenizer", f"'{top.tokenizer}' is neither base nor an expert's name")
+        if slices and top.heads:
+            raise ConfigError("heads", "task heads are not kept with slices (a layer plan)")
         model = parse_block(ModelSpec, top.model, "model")
-        output = _required(top.output, "output")
+        output = _required(output or top.output, "output")
         distributed = parse_block(DistributedSpec, top.distributed, "distributed", root)
     except ConfigError as e:
         raise ConfigError(e.field.removeprefix("<top>."), e.message, source) from None
@@ -335,6 +567,9 @@ def config_from_dict(raw: Any, root: Path, source: Path | None = None) -> MergeC
         output=output,
         heads=tuple(top.heads),
         dtype=DTYPES[top.dtype] if top.dtype else None,
+        compute_dtype=DTYPES[top.compute_dtype] if top.compute_dtype else None,
+        tokenizer=top.tokenizer,
+        slices=slices,
         device=top.device,
         shard_size=top.shard_size,
         seed=top.seed,
@@ -344,13 +579,54 @@ def config_from_dict(raw: Any, root: Path, source: Path | None = None) -> MergeC
     )
 
 
-def load_config(path: str | Path) -> MergeConfig:
-    """Read and validate a merge YAML file."""
+def read_yaml(path: str | Path) -> Any:
+    """The parsed YAML of a config file (InputError if it is missing or not YAML)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "config file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise InputError(path, f"not valid YAML ({str(e).splitlines()[0]})") from None
-    return config_from_dict(raw, path.parent.resolve(), source=path)
+
+
+def mergekit_native(raw: Mapping[str, Any], source: Path, output: Path | None = None) -> dict:
+    """A mergekit config as this schema's mapping (see supermerge.mergekit_config), validated;
+    errors name the mergekit config's file and fields.
+
+    Args:
+        raw: the mergekit YAML mapping.
+        source: its file.
+        output: the output folder, recorded in the mapping (None: left out, given when it runs).
+    """
+    try:
+        native, fields = to_native(raw)
+    except ConfigError as e:
+        raise ConfigError(e.field, e.message, source) from None
+    if output is not None:
+        native["output"] = str(output.absolute())
+    try:
+        config_from_dict(native, Path.cwd(), output=None if output is not None else Path("OUT_PATH"))
+    except ConfigError as e:
+        raise ConfigError(fields(e.field), e.message, source) from None
+    return native
+
+
+def load_config(path: str | Path, output: str | Path | None = None) -> MergeConfig:
+    """Read and validate a merge YAML file: this schema, or mergekit's (recognised by its
+    `merge_method`; see supermerge.mergekit_config), which needs `output`.
+
+    Args:
+        path: the YAML file.
+        output: the output folder (overrides the file's `output`; required for mergekit's).
+    """
+    path = Path(path)
+    raw = read_yaml(path)
+    out = Path(output).absolute() if output is not None else None
+    if not is_mergekit(raw):
+        return config_from_dict(raw, path.parent.resolve(), source=path, output=out)
+    if out is None:
+        raise SupermergeError(
+            f"{path}: a mergekit config needs the output folder: supermerge merge {path} OUT_PATH"
+        )
+    return config_from_dict(mergekit_native(raw, path, out), Path.cwd(), source=path)

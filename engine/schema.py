@@ -78,7 +78,7 @@ def _check_value(value: Any, field: dataclasses.Field, where: str, root: Path | 
         return None
     if field.metadata.get("size"):
         return parse_size(value, where)
-    for kind in kinds:
+    for kind in (k for k in kinds if k != "None"):
         result = _as_kind(value, kind, root)
         if isinstance(result, float) and not math.isfinite(result):
             raise ConfigError(where, f"must be a finite number, got {value!r}")

@@ -54,6 +54,9 @@ class MergeMethod(ABC):
     name: ClassVar[str]
     Params: ClassVar[type]
     per_expert: ClassVar[tuple[str, ...]] = ("weight",)
+    # with a compute_dtype: True, merge() gets base and task vectors in that dtype and computes as
+    # mergekit does; False, it gets fp32 tensors holding the rounded inputs
+    computes_in_dtype: ClassVar[bool] = False
 
     def __init__(self, params: Any, experts: Sequence[ExpertParams], seed: int = 0) -> None:
         self.params = params

@@ -76,6 +76,9 @@ class TaskVectorSource:
         experts: the fine-tuned experts, in task order.
         head_patterns: globs of task-specific tensor names (never merged).
         storage_dtype: dtype task vectors are returned in (None: fp32, the accumulation dtype).
+        input_dtype: every base and expert tensor is rounded to this dtype as it is read, before
+            anything else (a merge computing as mergekit does in its dtype, which loads its
+            inputs in it); None: as stored.
 
     Raises:
         InputError: at construction, for any incompatibility (missing or extra tensor, shape
@@ -88,6 +91,7 @@ class TaskVectorSource:
         experts: Sequence[Expert],
         head_patterns: Sequence[str] = (),
         storage_dtype: torch.dtype | None = None,
+        input_dtype: torch.dtype | None = None,
     ) -> None:
         if not experts:
             raise InputError(base.path, "no experts to merge")
@@ -95,6 +99,7 @@ class TaskVectorSource:
         self.experts = list(experts)
         self.head_patterns = tuple(head_patterns)
         self.storage_dtype = storage_dtype or torch.float32
+        self.input_dtype = input_dtype
         self.names = [n for n in base.names if self.mergeable(base, n)]
         self.bytes_read = 0
         # per expert: a task vector tensor with a nonzero entry was read; else the names read in full
@@ -151,9 +156,13 @@ class TaskVectorSource:
         check_finite(tensor, checkpoint, name)
         return tensor
 
+    def _input(self, checkpoint: Checkpoint, name: str, span: tuple[int, int] | None) -> torch.Tensor:
+        tensor = self._read(checkpoint, name, span)
+        return tensor if self.input_dtype is None else tensor.to(self.input_dtype)
+
     def read_base(self, name: str, span: tuple[int, int] | None = None) -> torch.Tensor:
         """Base tensor `name` in fp32 (only its flattened elements [lo, hi) when `span` is given)."""
-        return self._read(self.base, name, span).float()
+        return self._input(self.base, name, span).float()
 
     def task_vectors(self, name: str, base: torch.Tensor) -> list[torch.Tensor]:
         """The k task vectors of tensor `name`, each (expert - base) in fp32, cast to storage dtype.
@@ -170,10 +179,14 @@ class TaskVectorSource:
         self, name: str, base: torch.Tensor, index: int, span: tuple[int, int] | None = None
     ) -> torch.Tensor:
         """Task vector of expert `index` for tensor `name` (see `task_vectors`); with `span`, only
-        its flattened elements [lo, hi), `base` then being the same span of the base."""
+        its flattened elements [lo, hi), `base` then being the same span of the base.
+
+        The difference is taken in `base`'s dtype: fp32 as `read_base` returns it, or the lower
+        precision a method computes in as mergekit's does (supermerge.merge, compute_dtype).
+        """
         expert = self.experts[index].checkpoint
         # a copy: read() may hand out memory-mapped data that must not change
-        tau = self._read(expert, name, span).to(base.device, torch.float32, copy=True).sub_(base)
+        tau = self._input(expert, name, span).to(base.device, base.dtype, copy=True).sub_(base)
         if not self._differs[index]:
             if bool(tau.any()):
                 self._differs[index] = True
@@ -204,9 +217,14 @@ class TaskVectorSource:
         }
 
 
-def open_source(base: Path, experts: Sequence[tuple[str, Path]], heads: Sequence[str]) -> TaskVectorSource:
+def open_source(
+    base: Path,
+    experts: Sequence[tuple[str, Path]],
+    heads: Sequence[str],
+    input_dtype: torch.dtype | None = None,
+) -> TaskVectorSource:
     """Open base and experts ((name, path) pairs) lazily and check they are compatible (no tensor
-    data is read).
+    data is read); `input_dtype` as TaskVectorSource takes it.
 
     The architecture fields of config.json are compared only where the base and the expert both
     have one; otherwise a warning says so: one per expert without config.json when the base has
@@ -214,7 +232,10 @@ def open_source(base: Path, experts: Sequence[tuple[str, Path]], heads: Sequence
     Names, shapes and dtypes of the tensors are checked in every case.
     """
     source = TaskVectorSource(
-        Checkpoint(base), [Expert(name, Checkpoint(path)) for name, path in experts], heads
+        Checkpoint(base),
+        [Expert(name, Checkpoint(path)) for name, path in experts],
+        heads,
+        input_dtype=input_dtype,
     )
     if source.base.config is None:
         log.warning(

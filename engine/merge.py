@@ -27,7 +27,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,7 +35,7 @@ import torch
 
 from supermerge.config import MergeConfig, SourceSpec
 from supermerge.errors import InputError
-from supermerge.io.checkpoint import Checkpoint, TensorInfo
+from supermerge.io.checkpoint import Checkpoint, TensorInfo, TensorSet
 from supermerge.io.memory import TensorBytes, cuda_peak_bytes, nbytes, peak_rss_bytes
 from supermerge.io.output import MergeSummary, output_bytes, write_extras, write_tensors
 from supermerge.io.paths import check_apart
@@ -62,7 +62,7 @@ VOCABULARY_FILES = (
 )
 
 
-class CheckpointView:
+class CheckpointView(TensorSet):
     """A checkpoint's tensors under the names they take in the output; reads as a Checkpoint.
 
     Args:
@@ -76,24 +76,11 @@ class CheckpointView:
         self.path, self.config, self.carried = checkpoint.path, checkpoint.config, checkpoint.carried
         self.infos: dict[str, TensorInfo] = {out: checkpoint.infos[own] for out, own in self.own.items()}
 
-    @property
-    def names(self) -> list[str]:
-        return list(self.infos)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.infos
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.infos)
-
     def read(self, name: str) -> torch.Tensor:
         return self.checkpoint.read(self.own[name])
 
     def read_range(self, name: str, lo: int, hi: int) -> torch.Tensor:
         return self.checkpoint.read_range(self.own[name], lo, hi)
-
-    def size_bytes(self) -> int:
-        return sum(i.nbytes for i in self.infos.values())
 
 
 @dataclass

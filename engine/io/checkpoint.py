@@ -242,7 +242,27 @@ def _read_safetensors_elements(info: TensorInfo, lo: int, hi: int) -> torch.Tens
     return out
 
 
-class Checkpoint:
+class TensorSet:
+    """Named tensors known by their `infos` (name -> TensorInfo, in order), before any is read."""
+
+    infos: dict[str, TensorInfo]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.infos)
+
+    def size_bytes(self) -> int:
+        """Total bytes of all tensors."""
+        return sum(i.nbytes for i in self.infos.values())
+
+
+class Checkpoint(TensorSet):
     """A model checkpoint on disk, read lazily one tensor at a time.
 
     Attributes:
@@ -355,16 +375,6 @@ class Checkpoint:
         self._state_dict = loaded
         return {name: TensorInfo(name, tuple(t.shape), t.dtype, path) for name, t in loaded.items()}
 
-    @property
-    def names(self) -> list[str]:
-        return list(self.infos)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.infos
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.infos)
-
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor from disk (its stored dtype, on CPU).
 
@@ -388,7 +398,3 @@ class Checkpoint:
         if self._state_dict is not None:
             return self._state_dict[name].reshape(-1)[lo:hi]
         return _read_safetensors_elements(info, lo, hi)
-
-    def size_bytes(self) -> int:
-        """Total bytes of all tensors."""
-        return sum(i.nbytes for i in self.infos.values())

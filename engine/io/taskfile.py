@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from supermerge.errors import InputError
 
 SPLITS = ("train", "validation", "test")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class TaskFile:
         return [e.label if isinstance(e.label, int) else mapping[e.label] for e in self.splits[split]]
 
 
-def _parse_lines(path: Path) -> list[tuple[int, dict]]:
+def parse_lines(path: Path) -> list[tuple[int, dict]]:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -82,37 +84,23 @@ def _parse_lines(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def read_task_file(
-    path: str | Path, validation_size: int = 32, seed: int = 0, labelled: bool = True
-) -> TaskFile:
-    """Read and check one task file (see the module docstring).
-
-    Args:
-        path: the JSONL file.
-        validation_size: examples carved from train when the file has no validation rows.
-        seed: seeds the carving.
-        labelled: whether every row must have a label.
-    """
-    path = Path(path)
-    rows = _parse_lines(path)
-    has_splits = any("split" in row for _, row in rows)
-    splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
-    for number, row in rows:
-        if not isinstance(row.get("text"), str):
-            raise InputError(path, f"line {number}: missing string field 'text'")
-        if labelled and "label" not in row:
-            raise InputError(path, f"line {number}: missing field 'label'")
-        label = row.get("label")
-        if label is not None and (isinstance(label, bool) or not isinstance(label, int | str)):
-            raise InputError(path, f"line {number}: label must be a string or an integer, got {label!r}")
-        if isinstance(label, int) and label < 0:
-            raise InputError(path, f"line {number}: negative label {label}")
+def assign_splits(
+    path: Path, rows: list[tuple[dict, T]], validation_size: int, seed: int
+) -> dict[str, list[T]]:
+    """Examples by split, from (JSON row, example) pairs in file order (each example has a `line`): rows
+    name their split, or none does (then all are validation); validation is carved from train
+    (`validation_size` examples, seeded) when a file with splits has none."""
+    has_splits = any("split" in row for row, _ in rows)
+    splits: dict[str, list[T]] = {s: [] for s in SPLITS}
+    for row, example in rows:
         split = row.get("split", "validation") if not has_splits else row.get("split")
         if split is None:
-            raise InputError(path, f"line {number}: missing field 'split'")
+            raise InputError(path, f"line {example.line}: missing field 'split'")
         if split not in SPLITS:
-            raise InputError(path, f"line {number}: unknown split {split!r} (known: {', '.join(SPLITS)})")
-        splits[split].append(Example(row["text"], label, number))
+            raise InputError(
+                path, f"line {example.line}: unknown split {split!r} (known: {', '.join(SPLITS)})"
+            )
+        splits[split].append(example)
     if has_splits:
         if not splits["train"]:
             raise InputError(path, "empty split 'train'")
@@ -130,6 +118,35 @@ def read_task_file(
             splits["train"] = [e for i, e in enumerate(splits["train"]) if i not in carved]
     elif not splits["validation"]:
         raise InputError(path, "no examples")
+    return splits
+
+
+def read_task_file(
+    path: str | Path, validation_size: int = 32, seed: int = 0, labelled: bool = True
+) -> TaskFile:
+    """Read and check one task file (see the module docstring).
+
+    Args:
+        path: the JSONL file.
+        validation_size: examples carved from train when the file has no validation rows.
+        seed: seeds the carving.
+        labelled: whether every row must have a label.
+    """
+    path = Path(path)
+    rows = parse_lines(path)
+    examples = []
+    for number, row in rows:
+        if not isinstance(row.get("text"), str):
+            raise InputError(path, f"line {number}: missing string field 'text'")
+        if labelled and "label" not in row:
+            raise InputError(path, f"line {number}: missing field 'label'")
+        label = row.get("label")
+        if label is not None and (isinstance(label, bool) or not isinstance(label, int | str)):
+            raise InputError(path, f"line {number}: label must be a string or an integer, got {label!r}")
+        if isinstance(label, int) and label < 0:
+            raise InputError(path, f"line {number}: negative label {label}")
+        examples.append((row, Example(row["text"], label, number)))
+    splits = assign_splits(path, examples, validation_size, seed)
     return TaskFile(path.stem, path, _classes(path, splits, labelled), splits)
 
 

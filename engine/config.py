@@ -72,7 +72,7 @@ from supermerge.schema import YAML_NAMES, parse_block
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DATA_SUFFIXES = (".jsonl", ".pt", ".safetensors")
-MODEL_KINDS = ("hf_encoder", "torch_module")
+MODEL_KINDS = ("hf_encoder", "hf_causal_lm", "torch_module")
 OFFLOAD_TARGETS = ("none", "cpu", "nvme")
 GATHER_MODES = ("body", "layer")
 DEFAULT_TIMEOUT_S = 300.0
@@ -155,11 +155,15 @@ class ModelSpec:
     """The `model:` block: how a learned merge computes a task's logits.
 
     Attributes:
-        kind: "hf_encoder" or "torch_module".
+        kind: "hf_encoder", "hf_causal_lm" or "torch_module".
         factory: "package.module:function" returning the nn.Module (torch_module only).
         head: name prefix of the per-task linear head (hf_encoder).
         pooling: "mean" or "cls" (hf_encoder).
-        max_length: tokenizer truncation length in tokens (hf_encoder).
+        max_length: tokenizer truncation length in tokens (hf_encoder, hf_causal_lm).
+        chat_template: wrap each prompt in the tokenizer's chat template (hf_causal_lm).
+        prompt_template: poses a text/label task file's rows as prompts, `{text}` filled in
+            (hf_causal_lm; a task file's own template line wins).
+        completion_template: the completion of a text/label row, `{label}` filled in.
     """
 
     kind: str = "hf_encoder"
@@ -167,6 +171,9 @@ class ModelSpec:
     head: str = "classifier"
     pooling: str = "mean"
     max_length: int = 128
+    chat_template: bool = False
+    prompt_template: str | None = None
+    completion_template: str = " {label}"
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:

@@ -21,13 +21,16 @@ of W of the node being trained. `--resume` picks it up; it is removed when the r
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,6 +38,7 @@ from supermerge.config import MergeConfig
 from supermerge.distributed.comm import Comm, close_comm, init_comm
 from supermerge.distributed.launch import Launch
 from supermerge.errors import InputError, SupermergeError
+from supermerge.io.completions import Template
 from supermerge.io.lock import OutputLock
 from supermerge.io.memory import TensorBytes, cuda_peak_bytes, peak_rss_bytes
 from supermerge.io.output import MergeSummary, output_bytes, write_extras, write_tensors
@@ -42,7 +46,7 @@ from supermerge.io.paths import check_apart
 from supermerge.io.writer import ShardedWriter, prepare_output
 from supermerge.learned.body import Body
 from supermerge.learned.coefficients import CoefficientLayout
-from supermerge.learned.data import load_jsonl_data, load_tensor_data
+from supermerge.learned.data import TaskData, load_completion_data, load_jsonl_data, load_tensor_data
 from supermerge.learned.node import (
     LearnedInputs,
     NodeRecord,
@@ -55,6 +59,7 @@ from supermerge.learned.node import (
 from supermerge.learned.objectives import needs_labels
 from supermerge.learned.report import plot_heatmap, plot_losses
 from supermerge.learned.task_models import TaskModel, build_task_model
+from supermerge.learned.teacher import expert_teacher
 from supermerge.learned.trainer import Task
 from supermerge.learned.tree import (
     TreeNode,
@@ -112,9 +117,8 @@ def load_inputs(cfg: MergeConfig, device: torch.device) -> LearnedInputs:
     params = cfg.method.params
     source = open_source(cfg.base, [(e.name, e.path) for e in cfg.experts], cfg.heads)
     model = build_task_model(cfg.model, source.base)
-    labelled = needs_labels(params.objective)
-    tokenizer = None
     tasks = {}
+    tokenizer = functools.cache(lambda: _auto_tokenizer(cfg.base))
     for spec, expert in zip(cfg.experts, source.experts, strict=True):
         head = source.heads(expert)
         wanted = f"{cfg.model.head}.weight"
@@ -122,24 +126,7 @@ def load_inputs(cfg: MergeConfig, device: torch.device) -> LearnedInputs:
             raise InputError(
                 expert.checkpoint.path, f"no head tensor '{wanted}' among heads matching {list(cfg.heads)}"
             )
-        if spec.data.suffix == ".jsonl":
-            if tokenizer is None:
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(source.base.path)
-            label2id = (expert.checkpoint.config or {}).get("label2id")
-            data = load_jsonl_data(
-                spec.data,
-                expert.name,
-                params.validation_size,
-                cfg.seed,
-                labelled,
-                tokenizer,
-                cfg.model.max_length,
-                label2id,
-            )
-        else:
-            data = load_tensor_data(spec.data, expert.name, params.validation_size, cfg.seed, labelled)
+        data = _task_data(cfg, spec.data, expert, tokenizer)
         data.check_labels(TaskModel.num_classes(head))
         tasks[expert.name] = Task(expert.name, data, {n: t.to(device) for n, t in head.items()})
     mergeable = set(source.names)
@@ -151,6 +138,34 @@ def load_inputs(cfg: MergeConfig, device: torch.device) -> LearnedInputs:
     return LearnedInputs(
         cfg=cfg, params=params, device=device, source=source, model=model, tasks=tasks, fixed=fixed
     )
+
+
+def _auto_tokenizer(base: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base)
+
+
+def _task_data(cfg: MergeConfig, path: Path, expert: Expert, tokenizer: Callable[[], Any]) -> TaskData:
+    """A task's validation data in the format its file and the model kind call for; `tokenizer()`
+    gives the base's tokenizer."""
+    params, spec = cfg.method.params, cfg.model
+    size, seed = params.validation_size, cfg.seed
+    if path.suffix != ".jsonl":
+        return load_tensor_data(path, expert.name, size, seed, needs_labels(params.objective))
+    tokenizer = tokenizer()
+    if spec.kind == "hf_causal_lm":
+        template = (
+            Template(spec.prompt_template, spec.completion_template)
+            if spec.prompt_template is not None
+            else None
+        )
+        return load_completion_data(
+            path, expert.name, size, seed, tokenizer, spec.max_length, spec.chat_template, template
+        )
+    label2id = (expert.checkpoint.config or {}).get("label2id")
+    labelled = needs_labels(params.objective)
+    return load_jsonl_data(path, expert.name, size, seed, labelled, tokenizer, spec.max_length, label2id)
 
 
 class LearnedMerge:
@@ -196,6 +211,8 @@ class LearnedMerge:
         prepare_output(self.cfg.output, overwrite)
         self.state.prepare(overwrite, resume, self.comm)
         inputs = load_inputs(self.cfg, self.device)
+        if self.params.objective == "distill":
+            self._attach_teachers(inputs)
         params = self.params
         tree = TreePlan(list(inputs.tasks), params.group_size, params.init, params.upper_init)
         available = {e.name: e for e in inputs.source.experts}  # a level's inputs, by name
@@ -213,6 +230,26 @@ class LearnedMerge:
         body, source, record = self._train(inputs, tree.root(), available, self.comm, groups)
         self.records.append(record)
         return self._write_output(inputs, body, source, record, start, overwrite)
+
+    def _attach_teachers(self, inputs: LearnedInputs) -> None:
+        """Give every task its expert's distillation targets (`learned.teacher`): the leader
+        computes the missing ones into the cache, then every rank reads them."""
+        cache = self.params.targets_cache or self.state.dir / "targets"
+        head_names = {e.name: list(inputs.source.heads(e)) for e in inputs.source.experts}
+        experts = {e.name: e.checkpoint for e in inputs.source.experts}
+
+        def attach() -> None:
+            for name, task in inputs.tasks.items():
+                task.data.teacher = expert_teacher(
+                    inputs.model, experts[name], head_names[name], inputs.fixed, task.data,
+                    self.params.top_k, self.params.batch_size, cache, self.device,
+                )  # fmt: skip
+
+        if self.comm.is_leader:
+            attach()
+        self.comm.barrier()
+        if not self.comm.is_leader:  # the leader's files are complete: read them
+            attach()
 
     def _train(
         self,

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from supermerge.errors import SupermergeError
 from supermerge.io.atomic import atomic_folder
+from supermerge.io.digest import file_digest
 from supermerge.io.paths import check_apart
 from supermerge.io.taskfile import TaskFile
 from supermerge.learned.task_models import pool
@@ -64,20 +65,12 @@ def default_base() -> Path:
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def cache_key(base: Path, task: TaskFile, cfg: FinetuneConfig) -> str:
     """Content hash of what an expert depends on: task file, base weights and config, settings."""
     h = hashlib.sha256(CACHE_VERSION.encode())
-    h.update(_digest(task.path).encode())
+    h.update(file_digest(task.path).encode())
     for name in ("model.safetensors", "config.json"):
-        h.update(_digest(base / name).encode())
+        h.update(file_digest(base / name).encode())
     h.update(json.dumps(asdict(cfg), sort_keys=True).encode())
     return h.hexdigest()[:16]
 

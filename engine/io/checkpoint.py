@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from supermerge.errors import InputError
+from supermerge.io.digest import files_digest
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -294,6 +295,12 @@ class Checkpoint(TensorSet):
             raise InputError(self.path, "no such file or folder")
         if not self.infos:
             raise InputError(self.path, "checkpoint holds no tensors")
+
+    def content_digest(self) -> str:
+        """sha256 over the weight files' bytes and config.json: a key that changes with any weight."""
+        files = sorted({info.file for info in self.infos.values()})
+        config = self.path / "config.json"
+        return files_digest(files + ([config] if config.is_file() else []))
 
     def _open_folder(self) -> dict[str, TensorInfo]:
         config_path = self.path / "config.json"

@@ -7,6 +7,9 @@ Formats (the `data:` field of an expert in the YAML):
   train when absent; a file without splits is all validation); string labels map to class ids
   through the expert's config.json `label2id` when it names them all, else in sorted order;
   tokenised with the base's tokenizer (`model.kind: hf_encoder`).
+- `.jsonl` for `model.kind: hf_causal_lm`: the generative format of `supermerge.io.completions`
+  (prompt, completion, choices), encoded by `supermerge.learned.lm_inputs`; the completion tokens
+  are the targets, so there are no separate labels.
 At most `size` examples are kept per task (a seeded random subset; the paper uses 32). Text
 examples are ordered by token length, so that micro-batches cut to their longest example
 (`TaskData.batches`) carry little padding; a step sums over every example, so order is free.
@@ -17,13 +20,57 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file
 
 from supermerge.errors import InputError
 from supermerge.io.checkpoint import Tensors
+from supermerge.io.completions import Template, read_completion_file
 from supermerge.io.taskfile import read_task_file
+from supermerge.learned.lm_inputs import collate, encode, pad_id
+
+
+class TopK(NamedTuple):
+    """An expert's k largest logits per row of a task model's logits (distillation targets).
+
+    Attributes:
+        ids: [R, k] int64 class (token) ids.
+        logits: [R, k] fp32 logits at those ids.
+    """
+
+    ids: torch.Tensor
+    logits: torch.Tensor
+
+    def to(self, device: torch.device) -> TopK:
+        return TopK(self.ids.to(device), self.logits.to(device))
+
+
+@dataclass
+class Teacher:
+    """A task's distillation targets: its expert's top-k logits at every logits row, in data order.
+
+    Attributes:
+        targets: [R, k] for all R rows of the task's examples.
+        offsets: [n + 1] int64; example e's rows are offsets[e]:offsets[e + 1].
+    """
+
+    targets: TopK
+    offsets: torch.Tensor
+
+    def rows(self, lo: int, hi: int) -> TopK:
+        """The targets of examples lo..hi-1."""
+        a, b = int(self.offsets[lo]), int(self.offsets[min(hi, len(self.offsets) - 1)])
+        return TopK(self.targets.ids[a:b], self.targets.logits[a:b])
+
+
+class Batch(NamedTuple):
+    """One micro-batch: model inputs [B, ...], labels [B] (or None), distillation targets (or None)."""
+
+    inputs: Tensors
+    labels: torch.Tensor | None
+    teacher: TopK | None
 
 
 @dataclass
@@ -34,18 +81,20 @@ class TaskData:
         task: task name.
         source: file it came from.
         inputs: batched model inputs, each [n, ...].
-        labels: [n] int64, or None when unlabelled.
+        labels: [n] int64, or None when unlabelled (or when the inputs hold the targets).
+        teacher: distillation targets, when the objective needs them.
     """
 
     task: str
     source: Path
     inputs: Tensors
     labels: torch.Tensor | None
+    teacher: Teacher | None = None
 
     def __len__(self) -> int:
         return next(iter(self.inputs.values())).shape[0]
 
-    def batches(self, batch_size: int) -> Iterator[tuple[Tensors, torch.Tensor | None]]:
+    def batches(self, batch_size: int) -> Iterator[Batch]:
         """Consecutive micro-batches of at most `batch_size` examples, in a fixed order.
 
         Tokenised text (an `attention_mask` among the inputs, right padding) is cut to the
@@ -62,7 +111,8 @@ class TaskData:
                 for k, v in self.inputs.items()
             }
             labels = None if self.labels is None else self.labels[rows]
-            yield inputs, labels
+            teacher = None if self.teacher is None else self.teacher.rows(lo, lo + batch_size)
+            yield Batch(inputs, labels, teacher)
 
     def check_labels(self, classes: int | None) -> None:
         """Raise InputError naming the file and example if a label is outside [0, classes)."""
@@ -133,3 +183,22 @@ def load_jsonl_data(
         encoded = {k: v[order] for k, v in encoded.items()}
         labels = None if labels is None else labels[order]
     return TaskData(task, path, encoded, labels)
+
+
+def load_completion_data(
+    path: Path,
+    task: str,
+    size: int,
+    seed: int,
+    tokenizer,
+    max_length: int,
+    chat: bool,
+    template: Template | None,
+) -> TaskData:
+    """The validation split of a generative task file (supermerge.io.completions), subset to
+    `size`, encoded as prompt + completion (supermerge.learned.lm_inputs), ordered by length."""
+    examples = read_completion_file(path, size, seed, template).splits["validation"]
+    keep = _subset(len(examples), size, seed).tolist()
+    encoded = [encode(tokenizer, examples[i].prompt, examples[i].completion, max_length, chat) for i in keep]
+    encoded.sort(key=lambda e: len(e[0]))
+    return TaskData(task, path, collate(encoded, pad_id(tokenizer)), None)

@@ -6,7 +6,8 @@ One step, top to bottom:
                                                    rank's shard, then all-gathered; layer mode:
                                                    nothing yet, each layer is gathered as it runs)
   2.   for each task, for each micro-batch:         one graph alive at a time (distributed:
-           loss = objective(logits(leaves, head_task, batch)) / (n_task * k); loss.backward()
+           loss = objective(logits(leaves, head_task, batch), targets) / (n_task * k)
+           loss.backward()
        -> g = dL/d(theta_m), summed over tasks      the batches are dealt over the ranks)
   3. on exit: fused gradient dW = (1 - tanh^2) <g, tau>  (distributed: g reduce-scattered to the
                                                    shard owners, dW all-reduced)
@@ -35,7 +36,7 @@ from supermerge.errors import SupermergeError
 from supermerge.io.atomic import atomic_file
 from supermerge.io.checkpoint import Tensors
 from supermerge.learned.body import Body
-from supermerge.learned.data import TaskData
+from supermerge.learned.data import Batch, TaskData, TopK
 from supermerge.learned.objectives import resolve_objective
 from supermerge.learned.task_models import TaskModel
 from supermerge.methods.learned import TrainConfig
@@ -95,38 +96,48 @@ class CoefficientTrainer:
         self.body, self.model, self.tasks, self.fixed, self.cfg = body, model, tasks, fixed, cfg
         self.inputs = inputs if inputs is not None else [task.name for task in tasks]
         self.comm = comm if comm is not None else Comm(None, [0], 0)
-        self.objective = resolve_objective(cfg.objective)
+        self.objective = resolve_objective(cfg.objective, cfg.temperature)
         self.state_path = state_path
         self.optimizer = torch.optim.Adam([body.w], lr=cfg.lr)
         self.device = body.w.device
 
-    def _my_batches(
-        self, tasks: list[Task]
-    ) -> Iterator[tuple[int, Task, Tensors, torch.Tensor | None, bool]]:
-        """(task index, task, inputs, labels, counted) of the micro-batches this rank computes: the
+    def _my_batches(self, tasks: list[Task]) -> Iterator[tuple[int, Task, Batch, bool]]:
+        """(task index, task, batch, counted) of the micro-batches this rank computes: the
         job's (task, batch) pairs are dealt round-robin over the ranks, so the ranks together see
         every batch once; only the rank that computes a batch moves it to its device. A lockstep
         body (layer gathers: every forward is collective) needs every rank to run as many
         forwards as the busiest one: the others repeat the job's first batch, not counted."""
         jobs = [
-            (t, task, *batch)
+            (t, task, batch)
             for t, task in enumerate(tasks)
             for batch in task.data.batches(self.cfg.batch_size)
         ]
         mine = [(*job, True) for job in jobs[self.comm.rank :: self.comm.size]]
         if self.body.lockstep and jobs:
             mine += [(*jobs[0], False)] * (-(-len(jobs) // self.comm.size) - len(mine))
-        for t, task, inputs, labels, counted in mine:
-            inputs = {k: v.to(self.device) for k, v in inputs.items()}
-            yield t, task, inputs, None if labels is None else labels.to(self.device), counted
+        for t, task, (inputs, labels, teacher), counted in mine:
+            batch = Batch(
+                {k: v.to(self.device) for k, v in inputs.items()},
+                None if labels is None else labels.to(self.device),
+                None if teacher is None else teacher.to(self.device),
+            )
+            yield t, task, batch, counted
+
+    def _targets(self, batch: Batch) -> torch.Tensor | TopK | None:
+        """What the objective compares the logits with: the expert's top-k logits when the task
+        has them (distillation), else the labels or completion tokens of each logits row."""
+        if batch.teacher is not None:
+            return batch.teacher
+        return self.model.targets(batch.inputs, batch.labels)
 
     def losses_and_grad(self) -> dict[str, float]:
         """Mean loss per task at the current W; leaves dLoss/dW in body.w.grad."""
         totals = torch.zeros(len(self.tasks), dtype=torch.float64)
         with self.body.training_pass(self.model.module) as body:
             params = {**self.fixed, **body}
-            for t, task, inputs, labels, counted in self._my_batches(self.tasks):
-                loss = self.objective(self.model.logits(params, task.head, inputs), labels)
+            for t, task, batch, counted in self._my_batches(self.tasks):
+                logits = self.model.logits(params, task.head, batch.inputs)
+                loss = self.objective(logits, self._targets(batch))
                 scale = 1.0 / (len(task.data) * len(self.tasks)) if counted else 0.0
                 (loss * scale).backward()
                 totals[t] += float(loss.detach()) if counted else 0.0
@@ -221,13 +232,15 @@ class CoefficientTrainer:
     @torch.no_grad()
     def accuracy(self) -> dict[str, float]:
         """Validation accuracy per task at the current W (tasks with labels only)."""
-        labelled = [task for task in self.tasks if task.data.labels is not None]
+        labelled = [
+            task for task in self.tasks if self.model.targets(task.data.inputs, task.data.labels) is not None
+        ]
         correct = torch.zeros(len(labelled), dtype=torch.float64)
         with self.body.inference_pass(self.model.module) as body:
             params = {**self.fixed, **body}
-            for t, task, inputs, labels, counted in self._my_batches(labelled):
-                hits = int((self.model.logits(params, task.head, inputs).argmax(-1) == labels).sum())
-                correct[t] += hits if counted else 0
+            for t, task, (inputs, labels, _), counted in self._my_batches(labelled):
+                logits = self.model.logits(params, task.head, inputs)
+                correct[t] += int(self.model.correct(logits, inputs, labels).sum()) if counted else 0
         self.comm.all_reduce(correct, "accuracy")
         return {task.name: float(correct[t]) / len(task.data) for t, task in enumerate(labelled)}
 

@@ -8,6 +8,7 @@ its parts are in `supermerge.learned`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -25,7 +26,10 @@ class TrainConfig:
         steps: Adam steps on W.
         lr: Adam learning rate.
         batch_size: micro-batch size in examples (bounds activation memory, not the step).
-        objective: "cross_entropy", "entropy" or "package.module:function".
+        objective: "cross_entropy", "distill", "entropy" or "package.module:function".
+        temperature: softmax temperature of `distill`.
+        top_k: expert logits kept per row as `distill`'s targets (the rest of the expert's
+            distribution is dropped and the kept part renormalised).
         early_stop_patience: stop after this many steps without improvement (0: never).
         early_stop_min_delta: improvement of the mean loss that resets the patience.
         checkpoint_every: save the training state every this many steps.
@@ -35,6 +39,8 @@ class TrainConfig:
     lr: float = 0.01
     batch_size: int = 32
     objective: str = "cross_entropy"
+    temperature: float = 1.0
+    top_k: int = 64
     early_stop_patience: int = 0
     early_stop_min_delta: float = 1e-4
     checkpoint_every: int = 10
@@ -60,6 +66,8 @@ class SuperMergeParams(TrainConfig):
         upper_init: initial coefficient of intermediate models at levels above the first.
         similarity_tensors: tensors sampled for the task-vector cosine similarity.
         impl: fused-kernel implementation: "auto" | "torch" | "triton".
+        targets_cache: folder keeping `distill`'s expert targets between runs, keyed by the
+            expert's and the data's content (default: inside the run state, removed at the end).
     """
 
     granularity: str = "tensor"
@@ -72,9 +80,17 @@ class SuperMergeParams(TrainConfig):
     upper_init: float = 0.6
     similarity_tensors: int = 8
     impl: str = "auto"
+    targets_cache: Path | None = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "validation_size", "checkpoint_every", "similarity_tensors"):
+        for name in (
+            "steps",
+            "batch_size",
+            "validation_size",
+            "checkpoint_every",
+            "similarity_tensors",
+            "top_k",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
         for name in ("early_stop_patience", "early_stop_min_delta"):
@@ -82,6 +98,8 @@ class SuperMergeParams(TrainConfig):
                 raise ValueError(f"{name}: must be 0 or more, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr: must be positive, got {self.lr}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: must be positive, got {self.temperature}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity: must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.granularity == "block" and not self.blocks:

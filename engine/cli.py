@@ -88,10 +88,27 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _suite(args: argparse.Namespace) -> dict:
+def _suite(args: argparse.Namespace, causal: bool = False) -> dict:
+    """The suite's task files (only --tasks when given): classification task files for an encoder,
+    generative ones (`read_completion_suite`, text/label rows posed by --prompt-template and
+    --completion-template) for a causal LM; for an encoder, the causal-LM flags are refused."""
+    from supermerge.io.completions import Template, read_completion_suite
     from supermerge.io.taskfile import read_suite
 
-    tasks = read_suite(args.suite)
+    lm_flags = ("chat", "prompt_template", "completion_template", "max_new_tokens")
+    if causal:
+        template = None
+        if args.prompt_template is not None:
+            completion = " {label}" if args.completion_template is None else args.completion_template
+            template = Template(args.prompt_template, completion)
+        elif args.completion_template is not None:
+            raise SupermergeError("--completion-template needs --prompt-template")
+        tasks = read_completion_suite(args.suite, template=template)
+    else:
+        given = [f"--{f.replace('_', '-')}" for f in lm_flags if getattr(args, f, None) not in (None, False)]
+        if given:
+            raise SupermergeError(f"{', '.join(given)}: for causal-LM models only (this one is an encoder)")
+        tasks = read_suite(args.suite)
     if args.tasks:
         unknown = sorted(set(args.tasks) - set(tasks))
         if unknown:
@@ -113,10 +130,23 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from supermerge.demo.finetune import FinetuneConfig, default_base, finetune_suite
+    from supermerge.demo.lm_finetune import LMFinetuneConfig, finetune_lm_suite, is_causal_lm
 
-    cfg = FinetuneConfig(args.epochs, args.lr, args.batch_size, args.max_length, args.train_size, args.seed)
     base = Path(args.base) if args.base else default_base()
-    experts = finetune_suite(base, _suite(args), Path(args.cache), cfg, progress=not args.quiet)
+    causal = is_causal_lm(base)
+    settings = {
+        k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "max_length", "train_size", "seed")
+    }
+    settings = {k: v for k, v in settings.items() if v is not None}  # unset: the kind's default
+    tasks = _suite(args, causal)
+    if causal:
+        cfg = LMFinetuneConfig(**settings, chat=args.chat)
+        experts = finetune_lm_suite(base, tasks, Path(args.cache), cfg, not args.quiet, args.device)
+    else:
+        if args.device != "cpu":
+            raise SupermergeError("--device: for causal-LM models only (this one is an encoder)")
+        cfg = FinetuneConfig(**settings)
+        experts = finetune_suite(base, tasks, Path(args.cache), cfg, progress=not args.quiet)
     for task, path in experts.items():
         print(f"{task}\t{path}")
     return 0
@@ -127,20 +157,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from supermerge.demo.evaluate import evaluate_model
+    from supermerge.demo.lm_evaluate import evaluate_lm
+    from supermerge.demo.lm_finetune import is_causal_lm
     from supermerge.io.atomic import atomic_file
     from supermerge.io.paths import check_apart
 
     if args.json:
         reads = [("the model", Path(args.model)), ("the suite", Path(args.suite))]
         check_apart(Path(args.json), reads, "JSON output")
-    accuracy = evaluate_model(
-        args.model,
-        _suite(args),
-        args.split,
-        max_length=args.max_length,
-        device=args.device,
-        progress=not args.quiet,
-    )
+    causal = is_causal_lm(Path(args.model))
+    sizes = {k: getattr(args, k) for k in ("batch_size", "max_length") if getattr(args, k) is not None}
+    tasks = _suite(args, causal)
+    if causal:
+        accuracy = evaluate_lm(
+            args.model,
+            tasks,
+            args.split,
+            chat=args.chat,
+            max_new_tokens=args.max_new_tokens,
+            device=args.device,
+            progress=not args.quiet,
+            **sizes,
+        )
+    else:
+        accuracy = evaluate_model(
+            args.model, tasks, args.split, device=args.device, progress=not args.quiet, **sizes
+        )
     for task, value in accuracy.items():
         print(f"{task:16s} {value:.4f}")
     if accuracy:
@@ -232,33 +274,59 @@ def build_parser() -> argparse.ArgumentParser:
     finetune = sub.add_parser(
         "finetune",
         help="fine-tune one expert per task of a suite",
-        description="Fine-tune the base encoder plus a linear head on each task's train split "
-        "and save each expert as a Hugging Face folder (head included) under "
-        "CACHE/experts/<task>-<hash>; experts whose task, base and settings are unchanged are reused.",
+        description="Fine-tune the base on each task's train split and save each expert as a Hugging "
+        "Face folder under CACHE/experts/<task>-<hash>; experts whose task, base and settings are "
+        "unchanged are reused. An encoder base is fine-tuned with a linear head per task (head "
+        "included in the folder); a causal-LM base (config.json architectures *ForCausalLM) is "
+        "fine-tuned whole on the completions of generative task files (prompt/completion rows, or "
+        "text/label rows posed by --prompt-template).",
     )
     finetune.add_argument("--suite", required=True, help="folder of <task>.jsonl task files")
     finetune.add_argument("--base", help="base model folder (default: the built-in MiniLM-L6)")
     finetune.add_argument("--cache", default="runs/cache", help="where experts are kept")
     finetune.add_argument("--tasks", nargs="+", help="only these tasks")
-    finetune.add_argument("--epochs", type=int, default=1)
-    finetune.add_argument("--lr", type=float, default=2e-4)
-    finetune.add_argument("--batch-size", type=int, default=32)
-    finetune.add_argument("--max-length", type=int, default=64, help="tokens per text")
-    finetune.add_argument("--train-size", type=int, default=1000, help="cap on train examples per task")
-    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--epochs", type=int, help="passes over the train split (default 1)")
+    finetune.add_argument("--lr", type=float, help="AdamW learning rate (default 2e-4; causal LM 2e-5)")
+    finetune.add_argument("--batch-size", type=int, help="examples per step (default 32; causal LM 8)")
+    finetune.add_argument("--max-length", type=int, help="tokens per text (default 64; causal LM 128)")
+    finetune.add_argument("--train-size", type=int, help="cap on train examples per task (default 1000)")
+    finetune.add_argument("--seed", type=int, help="default 0")
+    finetune.add_argument("--chat", action="store_true", help="causal LM: prompts in the chat template")
+    finetune.add_argument(
+        "--prompt-template", help="causal LM: the prompt of a text/label row, {text} filled in"
+    )
+    finetune.add_argument(
+        "--completion-template", help="causal LM: the completion of a text/label row (default ' {label}')"
+    )
+    finetune.add_argument("--device", default="cpu", help="causal LM: where to train (default cpu)")
     finetune.set_defaults(func=cmd_finetune)
 
     evaluate = sub.add_parser(
         "evaluate",
         help="per-task test accuracy of a model folder",
         description="Accuracy per task of MODEL (a merged output with heads/, or an expert) on a "
-        "split of the suite's task files.",
+        "split of the suite's task files. A causal LM (config.json architectures *ForCausalLM) is "
+        "scored on generative task files: by rank classification over a task's choices (mean "
+        "log-probability of each choice's tokens), else by exact match of its greedy generation.",
     )
     evaluate.add_argument("model", help="model folder")
     evaluate.add_argument("--suite", required=True, help="folder of <task>.jsonl task files")
     evaluate.add_argument("--tasks", nargs="+", help="only these tasks")
     evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    evaluate.add_argument("--max-length", type=int, default=64, help="tokens per text")
+    evaluate.add_argument("--max-length", type=int, help="tokens per text (default 64; causal LM 128)")
+    evaluate.add_argument("--batch-size", type=int, help="sequences per batch (default 64; causal LM 16)")
+    evaluate.add_argument("--chat", action="store_true", help="causal LM: prompts in the chat template")
+    evaluate.add_argument(
+        "--prompt-template", help="causal LM: the prompt of a text/label row, {text} filled in"
+    )
+    evaluate.add_argument(
+        "--completion-template", help="causal LM: the completion of a text/label row (default ' {label}')"
+    )
+    evaluate.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="causal LM, exact match: the longest generation (default: the longest completion in tokens + 2)",
+    )
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--json", help="also write the accuracies to this JSON file")
     evaluate.set_defaults(func=cmd_evaluate)

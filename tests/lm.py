@@ -52,12 +52,14 @@ def write_lm(path: Path, model, tokenizer) -> Path:
     return path
 
 
-def tiny_lm(path: Path, seed: int, family: str = "llama", tied: bool = False) -> Path:
+def tiny_lm(
+    path: Path, seed: int, family: str = "llama", tied: bool = False, dtype: torch.dtype = torch.float32
+) -> Path:
     """A random tiny causal LM folder (fresh weights from `seed`)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, tied))
+    model = AutoModelForCausalLM.from_config(tiny_config(family, tied)).to(dtype)
     return write_lm(path, model, byte_tokenizer())
 
 
@@ -65,11 +67,11 @@ def lm_expert(base: Path, path: Path, seed: int, scale: float = 0.05) -> Path:
     """An 'expert' of `base`: every weight plus a random task vector of relative size `scale`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(scale * p.std() * torch.randn(p.shape, generator=gen))
+            p.add_(scale * p.std() * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return write_lm(path, model, AutoTokenizer.from_pretrained(base))
 
 

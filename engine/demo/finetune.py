@@ -14,8 +14,10 @@ import hashlib
 import importlib.util
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,6 +25,7 @@ from tqdm import tqdm
 
 from supermerge.errors import SupermergeError
 from supermerge.io.atomic import atomic_folder
+from supermerge.io.completions import CompletionTaskFile
 from supermerge.io.digest import file_digest
 from supermerge.io.paths import check_apart
 from supermerge.io.taskfile import TaskFile
@@ -65,12 +68,26 @@ def default_base() -> Path:
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
-def cache_key(base: Path, task: TaskFile, cfg: FinetuneConfig) -> str:
-    """Content hash of what an expert depends on: task file, base weights and config, settings."""
-    h = hashlib.sha256(CACHE_VERSION.encode())
+def cache_key(
+    base: Path,
+    task: TaskFile | CompletionTaskFile,
+    cfg: Any,
+    files: Sequence[Path] | None = None,
+    version: str = CACHE_VERSION,
+) -> str:
+    """Content hash of what an expert depends on: task file, base files, settings.
+
+    Args:
+        base: the base model folder.
+        task: the task (its file is hashed).
+        cfg: the settings, a dataclass (`FinetuneConfig`, `LMFinetuneConfig`).
+        files: the base's files to hash, in order (None: its model.safetensors and config.json).
+        version: the cache version of this kind of expert.
+    """
+    h = hashlib.sha256(version.encode())
     h.update(file_digest(task.path).encode())
-    for name in ("model.safetensors", "config.json"):
-        h.update(file_digest(base / name).encode())
+    for path in files if files is not None else (base / "model.safetensors", base / "config.json"):
+        h.update(file_digest(path).encode())
     h.update(json.dumps(asdict(cfg), sort_keys=True).encode())
     return h.hexdigest()[:16]
 
@@ -134,20 +151,33 @@ def finetune_expert(
 
 
 def finetune_suite(
-    base: Path, tasks: dict[str, TaskFile], cache_dir: Path, cfg: FinetuneConfig, progress: bool = True
+    base: Path,
+    tasks: dict[str, TaskFile] | dict[str, CompletionTaskFile],
+    cache_dir: Path,
+    cfg: Any,
+    progress: bool = True,
+    train: Callable[[Any, Path], Path] | None = None,
+    files: Sequence[Path] | None = None,
+    version: str = CACHE_VERSION,
 ) -> dict[str, Path]:
     """One expert per task under `cache_dir/experts/<task>-<hash>`, trained only when missing;
-    refused if that folder is, contains or lies inside the base or a task file."""
+    refused if that folder is, contains or lies inside the base or a task file.
+
+    `train(task, out)` writes one expert folder at `out` (None: `finetune_expert` with `cfg`);
+    `files` and `version` are `cache_key`'s. Expert folders are written whole (atomic), so one
+    that exists is complete."""
     reads = [("the base model", base), *((f"the task file of '{n}'", t.path) for n, t in tasks.items())]
     check_apart(cache_dir / "experts", reads, "expert cache")
+    if train is None:
+        train = lambda task, out: finetune_expert(base, task, out, cfg, progress)  # noqa: E731
     experts = {}
     (cache_dir / "experts").mkdir(parents=True, exist_ok=True)
     for name, task in tasks.items():
-        out = cache_dir / "experts" / f"{name}-{cache_key(base, task, cfg)}"
-        if (out / "model.safetensors").is_file():
+        out = cache_dir / "experts" / f"{name}-{cache_key(base, task, cfg, files, version)}"
+        if (out / "config.json").is_file():
             log.info("expert %s: cached at %s", name, out)
         else:
             log.info("expert %s: fine-tuning on %d examples", name, len(task.splits["train"]))
-            finetune_expert(base, task, out, cfg, progress)
+            train(task, out)
         experts[name] = out
     return experts

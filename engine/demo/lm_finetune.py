@@ -176,7 +176,7 @@ def finetune_lm_expert(
 
     examples = task.splits["train"]
     if not examples:
-        raise InputError(task.path, "no train examples to fine-tune on (give rows \"split\": \"train\")")
+        raise InputError(task.path, 'no train examples to fine-tune on (give rows "split": "train")')
     torch.manual_seed(cfg.seed)
     with hf_progress(progress):
         tokenizer = AutoTokenizer.from_pretrained(base)

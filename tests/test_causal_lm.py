@@ -225,3 +225,21 @@ def test_a_bad_generative_task_file_is_refused_with_its_line(capsys, tmp_path: P
     err = capsys.readouterr().err
     assert "b.jsonl" in err and "line 2: missing non-empty string field 'completion'" in err
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("where", ["base", "output"])
+def test_a_targets_cache_inside_an_input_or_the_output_is_refused(
+    capsys, tmp_path: Path, lm_pair, where: str
+) -> None:
+    base, experts, data = lm_pair
+    cache = base / "targets" if where == "base" else tmp_path / "merged" / "targets"
+    doc = lm_doc(tmp_path, base, experts, data, objective="distill", targets_cache=str(cache))
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    before = tree_hashes(base)
+    assert main(["-q", "merge", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "targets" in err and (
+        "the base" in err if where == "base" else "distillation targets cache" in err
+    )
+    assert tree_hashes(base) == before and not cache.exists() and not (tmp_path / "merged").exists()

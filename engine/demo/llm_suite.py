@@ -84,7 +84,12 @@ DEFAULT_TASKS: tuple[LLMTask, ...] = (
         name="topic",
         source="topic",
         question="What is this quote about: {options}?\nQuote: {text}",
-        answers=(("computers", "computers"), ("politics", "politics"), ("science", "science"), ("love", "love")),
+        answers=(
+            ("computers", "computers"),
+            ("politics", "politics"),
+            ("science", "science"),
+            ("love", "love"),
+        ),
     ),
     LLMTask(
         name="langid",
@@ -147,7 +152,9 @@ def _check(task: LLMTask, source: TaskFile) -> None:
     labels = [label for label, _ in task.answers]
     answers = [answer for _, answer in task.answers]
     if len(labels) < 2 or len(set(labels)) != len(labels) or len(set(answers)) != len(answers):
-        raise SupermergeError(f"LLM task {task.name!r}: needs at least 2 classes, distinct labels and answers")
+        raise SupermergeError(
+            f"LLM task {task.name!r}: needs at least 2 classes, distinct labels and answers"
+        )
     missing = [label for label in labels if label not in source.classes]
     if missing:
         raise SupermergeError(
@@ -158,7 +165,9 @@ def _check(task: LLMTask, source: TaskFile) -> None:
     try:
         task.question.format(text="", options="")
     except (KeyError, IndexError, ValueError) as e:
-        raise SupermergeError(f"LLM task {task.name!r}: question cannot be filled with {{text}}, {{options}} ({e})")
+        raise SupermergeError(
+            f"LLM task {task.name!r}: question cannot be filled with {{text}}, {{options}} ({e})"
+        ) from None
 
 
 def _pools(task: LLMTask, source: TaskFile) -> dict[str, dict[str, list[str]]]:
@@ -166,7 +175,9 @@ def _pools(task: LLMTask, source: TaskFile) -> dict[str, dict[str, list[str]]]:
     validation), in file order; texts shared by two classes or by both splits dropped."""
     labels = {label for label, _ in task.answers}
     rows = {
-        "train": sorted(source.splits.get("train", []) + source.splits.get("validation", []), key=lambda e: e.line),
+        "train": sorted(
+            source.splits.get("train", []) + source.splits.get("validation", []), key=lambda e: e.line
+        ),
         "test": sorted(source.splits.get("test", []), key=lambda e: e.line),
     }
     owners: dict[str, set[tuple[str, str]]] = {}
@@ -215,9 +226,13 @@ def write_llm_suite(
         source = sources[task.source]
         _check(task, source)
         pools = _pools(task, source)
-        empty = [f"{label} ({split})" for split, p in pools.items() for label, texts in p.items() if not texts]
+        empty = [
+            f"{label} ({split})" for split, p in pools.items() for label, texts in p.items() if not texts
+        ]
         if empty:
-            raise SupermergeError(f"LLM task {task.name!r}: no usable {source.path} examples of {', '.join(empty)}")
+            raise SupermergeError(
+                f"LLM task {task.name!r}: no usable {source.path} examples of {', '.join(empty)}"
+            )
         rng = random.Random(f"{settings.seed}:{task.name}")
         answer = dict(task.answers)
         choices = [completion_of(a, settings.chat) for _, a in task.answers]
@@ -241,7 +256,13 @@ def write_llm_suite(
             "scored_by": "exact_match" if task.exact_match else "choices",
             **counts,
         }
-        log.info("LLM task %s: %d train, %d test, %s", task.name, counts["train"], counts["test"], summary[task.name]["scored_by"])
+        log.info(
+            "LLM task %s: %d train, %d test, %s",
+            task.name,
+            counts["train"],
+            counts["test"],
+            summary[task.name]["scored_by"],
+        )
     return summary
 
 
@@ -305,7 +326,8 @@ def build_llm_suite(
     with atomic_folder(suite_dir) as tmp:
         summary = write_llm_suite(source, tmp, settings)
         marker = {**_marker(settings, digest), "tasks": summary}
-        (tmp / MARKER_NAME).write_text(json.dumps(marker, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        (tmp / MARKER_NAME).write_text(
+            json.dumps(marker, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
     log.info("LLM suite written: %s", suite_dir)
     return suite_dir
-

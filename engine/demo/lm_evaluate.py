@@ -11,7 +11,9 @@ special tokens, stripped, against the stripped completion.
 
 Prompts are encoded as in training: `lm_inputs.encode` of prompt and completion, whose prompt
 part (`encode_prompt`'s ids, cut from the left only when prompt + completion exceed
-`max_length`) is what the model reads. (Example, choice) sequences and prompts are batched in
+`max_length`) is what the model reads. Rank classification reads each prompt once: a batch of
+distinct prompts runs left-padded, keeping its KV cache, and every choice of those prompts is
+then scored in one more pass as a continuation on top of that cache. Prompts are batched in
 order of length; the order changes no score.
 """
 
@@ -23,17 +25,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from supermerge.demo.lm_finetune import check_completion_logits, completion_logits, hf_progress
+from supermerge.demo.lm_finetune import check_completion_logits, decoder_of, hf_progress
 from supermerge.errors import InputError
 from supermerge.io.completions import Completion, CompletionTaskFile
-from supermerge.learned.lm_inputs import (
-    Encoded,
-    collate,
-    completion_lengths,
-    completion_targets,
-    encode,
-    pad_id,
-)
+from supermerge.learned.lm_inputs import Encoded, encode, pad_id
 
 log = logging.getLogger(__name__)
 
@@ -64,29 +59,75 @@ def choice_scores(
     """Per example, [len(choices)] float32 (on the CPU): the mean log-probability of each
     choice's completion tokens (choice + EOS) after the prompt.
 
+    Each (example, choice) sequence `encode` writes is split into a context, the tokens before
+    the first scored one (its prompt part; the first token if the prompt part is empty, as the
+    first token of a sequence is never predicted), and its scored tokens. Distinct contexts run
+    once, `batch_size` at a time, left-padded to [B, Tp]; their KV cache is then gathered to one
+    row per (example, choice) of those contexts, [R, Tp], and all R scored-token sequences (less
+    their last token, which predicts nothing) run right-padded on top of it, [R, Tc]. The logits
+    that predict scored token 0 are the context's last ones; token t's are continuation position
+    t - 1's: the logits of the full sequence at the same positions, and the same mean.
+
     Args:
         model: a causal LM (`AutoModelForCausalLM`), in eval mode.
         tokenizer: its tokenizer.
         examples: examples that all have choices.
-        batch_size: (example, choice) sequences per forward pass.
+        batch_size: distinct prompts per forward pass (their choices run together in one more).
         max_length: tokens per sequence (a longer prompt loses tokens from its left).
         chat: pose prompts in the tokenizer's chat template.
         where: the model folder, named by the error when `chat` finds no chat template.
     """
     pairs = [(i, j) for i, e in enumerate(examples) for j in range(len(e.choices or ()))]
-    encoded = [_encode(tokenizer, examples[i].prompt, examples[i].choices[j], max_length, chat, where)
-               for i, j in pairs]  # fmt: skip
-    order = sorted(range(len(pairs)), key=lambda k: len(encoded[k][0]))
+    contexts: dict[tuple[int, ...], list[int]] = {}  # context ids -> the pairs (indices) that read it
+    scored: list[list[int]] = []  # per pair, its scored tokens
+    for k, (i, j) in enumerate(pairs):
+        prompt, choice = examples[i].prompt, examples[i].choices[j]
+        ids, n_prompt = _encode(tokenizer, prompt, choice, max_length, chat, where)
+        split = max(n_prompt, 1)
+        contexts.setdefault(tuple(ids[:split]), []).append(k)
+        scored.append(ids[split:])
+    ordered = sorted(contexts, key=len)
+    decoder, head = decoder_of(model), model.get_output_embeddings()
     pad, device = pad_id(tokenizer), _device(model)
     means = torch.empty(len(pairs))
-    for lo in range(0, len(order), batch_size):
-        idx = order[lo : lo + batch_size]
-        batch = {k: v.to(device) for k, v in collate([encoded[k] for k in idx], pad).items()}
-        logp = completion_logits(model, batch).float().log_softmax(-1)  # [M, vocab]
-        targets = completion_targets(batch["input_ids"], batch["completion_mask"])  # [M]
-        token_logp = logp.gather(1, targets[:, None])[:, 0].cpu()  # [M]
-        lengths = completion_lengths(batch["completion_mask"]).tolist()  # [B], sums to M
-        means[idx] = torch.stack([part.mean() for part in token_logp.split(lengths)])
+    for lo in range(0, len(ordered), batch_size):
+        batch = ordered[lo : lo + batch_size]
+        width = len(batch[-1])  # Tp: the longest context of the batch
+        ids = torch.full((len(batch), width), pad, dtype=torch.int64)
+        mask = torch.zeros(len(batch), width, dtype=torch.int64)
+        for b, context in enumerate(batch):  # left padding: every context ends at the last column
+            ids[b, width - len(context) :] = torch.tensor(context, dtype=torch.int64)
+            mask[b, width - len(context) :] = 1
+        positions = (mask.cumsum(1) - 1).clamp_min(0)  # [B, Tp]: 0 at each context's first token
+        out = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
+                      position_ids=positions.to(device), use_cache=True)  # fmt: skip
+        last = out.last_hidden_state[:, -1]  # [B, H]: predicts each context's scored token 0
+
+        rows = [k for context in batch for k in contexts[context]]  # R pairs
+        of_row = torch.tensor([b for b, context in enumerate(batch) for _ in contexts[context]])  # [R]
+        lengths = [len(scored[k]) for k in rows]  # scored tokens per row
+        steps = max(max(lengths) - 1, 0)  # Tc: scored tokens that predict another
+        targets = torch.full((len(rows), steps + 1), pad, dtype=torch.int64)  # [R, Tc + 1]
+        for r, k in enumerate(rows):
+            targets[r, : lengths[r]] = torch.tensor(scored[k], dtype=torch.int64)
+        valid = torch.arange(steps + 1) < torch.tensor(lengths)[:, None]  # [R, Tc + 1]
+        hidden = last[of_row.to(device)][:, None]  # [R, 1, H]
+        if steps:
+            cache = out.past_key_values
+            cache.batch_select_indices(of_row.to(device))  # [R, Tp] per layer
+            attention = torch.cat([mask[of_row], valid[:, :-1].long()], 1)  # [R, Tp + Tc]
+            cont = decoder(
+                input_ids=targets[:, :-1].to(device),
+                attention_mask=attention.to(device),
+                position_ids=(mask.sum(1)[of_row, None] + torch.arange(steps)).to(device),  # [R, Tc]
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state  # [R, Tc, H]
+            hidden = torch.cat([hidden, cont], 1)  # [R, Tc + 1, H]: row t predicts scored token t
+        valid = valid.to(device)
+        logp = head(hidden[valid]).float().log_softmax(-1)  # [M, vocab]
+        token_logp = logp.gather(1, targets.to(device)[valid][:, None])[:, 0].cpu()  # [M]
+        means[rows] = torch.stack([part.mean() for part in token_logp.split(lengths)])
     scores, k = [], 0
     for e in examples:
         n = len(e.choices or ())

@@ -147,8 +147,9 @@ def check_completion_logits(model: torch.nn.Module) -> None:
         full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         expected = full[predicting_positions(batch["completion_mask"])].float()
         mine = completion_logits(model, batch).float()
-        scale = expected.abs().max().clamp_min(1.0)
-        if not torch.allclose(mine, expected, rtol=1e-3, atol=1e-3 * float(scale)):
+        scale = float(expected.abs().max().clamp_min(1.0))
+        tol = 1e-3 if full.dtype == torch.float32 else 3e-2  # bfloat16: products rounded to 8 bits
+        if not torch.allclose(mine, expected, rtol=tol, atol=tol * scale):
             raise SupermergeError(
                 f"{type(model).__name__}: its logits are not its output embedding of its decoder's "
                 "hidden states (the architecture post-processes them); not supported"

@@ -39,6 +39,7 @@ GRIDS = {
     "ties": [{"density": d, "lambda": lam} for d in (0.2, 0.5) for lam in (0.5, 1.0)],
     "dare_ties": [{"density": 0.5, "lambda": lam, "normalize": True} for lam in (0.5, 1.0)],
 }
+PICKED = "picked on validation"
 TOY_LEARNED = {
     "adamerging": {"name": "adamerging", "steps": 100, "lr": 0.05},
     "supermerge": {"name": "supermerge", "steps": 100, "lr": 0.05},
@@ -55,7 +56,11 @@ class DemoSuite:
         config: the merge YAML fields shared by every method (base, experts with data, model, heads).
         accuracy: (model folder, split) -> accuracy per task, with the tasks' heads.
         experts: each expert's test accuracy on its own task.
-        learned: label -> `method:` block of each learned merge to run.
+        learned: label -> `method:` block of each learned merge to run; a block whose objective is
+            `PICKED` takes the objective of the flat SuperMerge row with the best validation
+            accuracy so far.
+        grids: training-free method -> its candidate parameters.
+        timings: wall time of the stages run while building the suite (s).
     """
 
     title: str
@@ -63,6 +68,7 @@ class DemoSuite:
     accuracy: Callable[[Path, str], dict[str, float]]
     experts: dict[str, float]
     learned: dict[str, dict]
+    grids: dict[str, list[dict]] = field(default_factory=lambda: GRIDS)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -207,7 +213,7 @@ def run_demo(
     timings["suite"] = time.perf_counter() - start - sum(timings.values())
     (workdir / "merged").mkdir(parents=True)
     rows: dict[str, dict] = {}
-    for method, grid in GRIDS.items():
+    for method, grid in suite.grids.items():
         stage = time.perf_counter()
         best = None
         for i, params in enumerate(grid):
@@ -216,10 +222,13 @@ def run_demo(
                 suite.config | {"method": {"name": method, **params}, "output": str(out)}, workdir
             )
             summary = run_merge(cfg, progress=False)
-            val = suite.accuracy(out, "validation")
-            score = sum(val.values()) / len(val)
+            score = _mean(suite.accuracy(out, "validation"))
             if best is None or score > best[0]:
+                if best is not None:
+                    shutil.rmtree(best[2])  # only the picked merge is kept (LLM merges are large)
                 best = (score, params, out, summary)
+            else:
+                shutil.rmtree(out)
         _, params, out, summary = best
         rows[method] = _row(params, suite.accuracy(out, "test"), summary)
         rows[method]["validation_accuracy"] = best[0]
@@ -227,6 +236,8 @@ def run_demo(
         log.info("%s: picked %s on validation", method, params)
     for label, method in suite.learned.items():
         stage = time.perf_counter()
+        if method.get("objective") == PICKED:
+            method = method | {"objective": _picked_objective(rows)}
         out = workdir / "merged" / label.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
         cfg = config_from_dict(suite.config | {"method": method, "output": str(out)}, workdir)
         summary = run_learned_merge(cfg, progress=progress)
@@ -234,8 +245,7 @@ def run_demo(
             {k: v for k, v in method.items() if k != "name"}, suite.accuracy(out, "test"), summary
         )
         rows[label]["heatmap"] = str(out / "coefficients.png")
-        val = summary.validation_accuracy or {}
-        rows[label]["validation_accuracy"] = sum(val.values()) / len(val) if val else None
+        rows[label]["validation_accuracy"] = _mean(suite.accuracy(out, "validation"))
         timings[label] = time.perf_counter() - stage
     timings["total"] = time.perf_counter() - start
     results = {"suite": suite.title, "experts": suite.experts, "methods": rows, "seconds": timings}
@@ -250,6 +260,17 @@ def run_demo(
         f"\nwrote {workdir / 'results.json'}, {workdir / 'accuracy.png'}, heatmaps under {workdir / 'merged'}"
     )
     return results
+
+
+def _mean(accuracy: dict[str, float]) -> float:
+    return sum(accuracy.values()) / len(accuracy)
+
+
+def _picked_objective(rows: dict[str, dict]) -> str:
+    """The objective of the flat learned row (one with an objective and no tree) that has the best
+    validation accuracy."""
+    flat = [r for r in rows.values() if "objective" in r["params"] and not r["params"].get("group_size")]
+    return max(flat, key=lambda r: r["validation_accuracy"])["params"]["objective"]
 
 
 def _row(params: dict, accuracy: dict[str, float], summary: MergeSummary) -> dict:

@@ -10,6 +10,9 @@ their gradient piece [S], as soon as autograd has finished with the unit.
 Units (`find_units`): every block of an nn.ModuleList (a transformer layer), and every other
 module that holds merged tensors directly (an embedding, a LayerNorm, a Linear outside the
 blocks). A unit's tensors may be parts of several owners' pieces: each owner broadcasts its part.
+A tied tensor (one parameter in two modules' slots under one merged name, e.g. a causal LM's
+output projection that is its input embedding) belongs to the unit of each module holding it:
+each gathers it when it runs, and both units' gradients add up in the owners' gradient piece.
 
 How it hooks into a forward that `torch.func.functional_call` runs on the task model's skeleton:
 - a forward pre-hook gathers the unit into one flat buffer through `_Gather` (an autograd
@@ -76,19 +79,30 @@ def find_units(module: nn.Module, names: list[str], shapes: list[tuple[int, ...]
     Raises SupermergeError naming any merged tensor that is not a parameter or buffer of a module.
     """
     index = {name: i for i, name in enumerate(names)}
+    # a tied tensor is one object under several names: its other slots know it by identity
+    tied = {
+        id(tensor): index[name]
+        for name, tensor in (
+            *module.named_parameters(remove_duplicate=False),
+            *module.named_buffers(remove_duplicate=False),
+        )
+        if name in index
+    }
     body_starts = [0]
     for shape in shapes:
         body_starts.append(body_starts[-1] + math.prod(shape))
     units: list[Unit] = []
 
     def slots_of(mod: nn.Module, prefix: str, recurse: bool) -> list[tuple[nn.Module, str, str, int]]:
-        found = []
+        found, seen = [], set()
         for sub_name, sub in mod.named_modules(remove_duplicate=False) if recurse else [("", mod)]:
             sub_prefix = f"{prefix}{sub_name}." if sub_name else prefix
             for kind in ("_parameters", "_buffers"):
                 for attr, tensor in getattr(sub, kind).items():
-                    if tensor is not None and sub_prefix + attr in index:
-                        found.append((sub, kind, attr, index[sub_prefix + attr]))
+                    t = None if tensor is None else index.get(sub_prefix + attr, tied.get(id(tensor)))
+                    if t is not None and (id(sub), kind, attr) not in seen:  # a module met twice: one slot
+                        seen.add((id(sub), kind, attr))
+                        found.append((sub, kind, attr, t))
         return found
 
     def add(label: str, mod: nn.Module, found: list[tuple[nn.Module, str, str, int]]) -> None:
@@ -121,12 +135,11 @@ def find_units(module: nn.Module, names: list[str], shapes: list[tuple[int, ...]
                 visit(child, child_prefix)
 
     visit(module, "")
-    covered = sorted(t for unit in units for t in unit.tensors)
-    if covered != list(range(len(names))):
-        missing = sorted(set(range(len(names))) - set(covered))
-        what = [names[t] for t in missing[:3]] if missing else ["(a tensor used by two modules)"]
+    missing = sorted(set(range(len(names))) - {t for unit in units for t in unit.tensors})
+    if missing:
+        what = [names[t] for t in missing[:3]]
         raise SupermergeError(
-            f"distributed.gather layer: merged tensor(s) {what} are not held by exactly one module of the "
+            f"distributed.gather layer: merged tensor(s) {what} are not held by any module of the "
             "model, so they cannot be gathered layer by layer; use distributed.gather: body"
         )
     return units

@@ -138,6 +138,7 @@ class HFCausalLMModel(TaskModel):
         self.output_weight = names[id(output.weight)]
         if self.output_weight not in base:  # tied: the input embedding is the output projection
             self.output_weight = names[id(self.module.get_input_embeddings().weight)]
+            output.weight = self.module.get_input_embeddings().weight  # the skeleton is built untied
         if self.output_weight not in base:
             raise InputError(base.path, f"no output projection: neither lm_head nor '{self.output_weight}'")
         self.output_bias = names[id(output.bias)] if getattr(output, "bias", None) is not None else None
@@ -151,8 +152,10 @@ class HFCausalLMModel(TaskModel):
 
     def logits(self, body: Tensors, head: Tensors, inputs: Tensors) -> torch.Tensor:
         hidden = self.hidden(body, inputs)[predicting_positions(inputs["completion_mask"])]
-        bias = body[self.output_bias] if self.output_bias is not None else None
-        return F.linear(hidden, body[self.output_weight], bias)
+        # the output module, not F.linear: in layer-gather mode its weight arrives through its hooks
+        given = {"weight": self.output_weight, "bias": self.output_bias}
+        own = {k: body[n] for k, n in given.items() if n is not None and n in body}
+        return functional_call(self.module.get_output_embeddings(), own, (hidden,))
 
     def rows_per_example(self, inputs: Tensors) -> torch.Tensor:
         return completion_lengths(inputs["completion_mask"])

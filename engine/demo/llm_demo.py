@@ -1,0 +1,125 @@
+"""The LLM demo (`supermerge demo --llm`): causal-LM experts of a real small LLM on real tasks.
+
+SmolLM2-135M-Instruct (`supermerge.demo.llm_base`, converted once from the PyPI GGUF) is
+fine-tuned into one expert per task of the built-in generative suite
+(`supermerge.demo.llm_suite`: the built-in text tasks posed as instructions, scored by rank
+classification over choices or by exact match of a generated answer), with the completion-only
+loss (`supermerge.demo.lm_finetune`, cached by content). `supermerge.demo.run.run_demo` then merges
+them with every method through `supermerge merge`'s code path and scores each merge with
+`supermerge.demo.lm_evaluate` on the validation split (to pick parameters and objectives) and on
+test (the table).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from supermerge.demo.run import PICKED, DemoSuite
+
+
+@dataclass(frozen=True)
+class LLMDemoSettings:
+    """The LLM demo's settings (docs/demo_tuning.md says how they were chosen).
+
+    Attributes:
+        train_size: train examples per task in the suite (its experts' training set).
+        test_size: test examples per task.
+        epochs, lr: expert fine-tuning.
+        validation_size: validation examples per task (learned merges and picking on validation).
+        max_length: tokens per prompt + completion.
+        learned: label -> `method:` block of each learned merge.
+        grids: training-free method -> candidate parameters.
+    """
+
+    train_size: int
+    test_size: int
+    epochs: int
+    lr: float
+    validation_size: int
+    max_length: int
+    learned: dict[str, dict]
+    grids: dict[str, list[dict]] = field(default_factory=dict)
+
+
+def _learned(steps: int, lr: float, validation_size: int, quick: bool) -> dict[str, dict]:
+    common = {"batch_size": 8, "validation_size": validation_size, "lr": lr, "steps": steps}
+    supermerge = {"name": "supermerge", **common}
+    learned = {"adamerging": {"name": "adamerging", **common, "lr": lr / 10}}
+    objectives = ("cross_entropy", "distill") if quick else ("cross_entropy", "distill", "entropy")
+    learned |= {f"supermerge ({o})": supermerge | {"objective": o} for o in objectives}
+    learned["supermerge (tree, g=2)"] = supermerge | {"objective": PICKED, "group_size": 2}
+    return learned
+
+
+GRIDS = {
+    "average": [{}],
+    "task_arithmetic": [{"lambda": lam} for lam in (0.3, 0.5, 1.0)],
+    "ties": [{"density": d, "lambda": 1.0} for d in (0.2, 0.5)],
+    "dare_ties": [{"density": 0.5, "lambda": 1.0, "normalize": True}],
+}
+QUICK_GRIDS = {
+    "average": [{}],
+    "task_arithmetic": [{"lambda": lam} for lam in (0.3, 1.0)],
+    "ties": [{"density": 0.2, "lambda": 1.0}],
+    "dare_ties": [{"density": 0.5, "lambda": 1.0, "normalize": True}],
+}
+LLM_REAL = LLMDemoSettings(240, 60, 1, 5e-5, 16, 96, _learned(10, 0.1, 16, quick=False), GRIDS)
+LLM_QUICK = LLMDemoSettings(96, 32, 1, 5e-5, 8, 96, _learned(6, 0.1, 8, quick=True), QUICK_GRIDS)
+
+
+def llm_demo_suite(
+    cache: Path, quick: bool, progress: bool, settings: LLMDemoSettings | None = None
+) -> DemoSuite:
+    """SmolLM2-135M-Instruct experts fine-tuned on the built-in generative suite."""
+    from supermerge.demo.llm_base import smollm2_base
+    from supermerge.demo.llm_suite import LLMSuiteSettings, build_llm_suite
+    from supermerge.demo.lm_evaluate import evaluate_lm
+    from supermerge.demo.lm_finetune import LMFinetuneConfig, finetune_lm_suite
+    from supermerge.io.completions import read_completion_suite
+
+    settings = settings or (LLM_QUICK if quick else LLM_REAL)
+    timings = {}
+    start = time.perf_counter()
+    base = smollm2_base(cache, progress)
+    timings["base"] = time.perf_counter() - start
+    start = time.perf_counter()
+    suite_settings = replace(LLMSuiteSettings(), train_size=settings.train_size, test_size=settings.test_size)
+    folder = build_llm_suite(cache, progress, suite_settings)
+    tasks = read_completion_suite(folder, settings.validation_size)
+    timings["llm_suite"] = time.perf_counter() - start
+    chat = suite_settings.chat
+    start = time.perf_counter()
+    finetune = LMFinetuneConfig(
+        epochs=settings.epochs, lr=settings.lr, max_length=settings.max_length, train_size=None, chat=chat
+    )
+    paths = finetune_lm_suite(base, tasks, cache, finetune, progress)
+    timings["finetune"] = time.perf_counter() - start
+
+    def accuracy(model_dir: Path, split: str, only: dict | None = None) -> dict[str, float]:
+        chosen = only if only is not None else tasks
+        return evaluate_lm(
+            model_dir, chosen, split, max_length=settings.max_length, chat=chat, progress=False
+        )
+
+    start = time.perf_counter()
+    experts = {}
+    for task, path in paths.items():
+        experts |= accuracy(path, "test", {task: tasks[task]})
+    timings["experts_test"] = time.perf_counter() - start
+    config = {
+        "base": str(base),
+        "experts": [{"name": t, "path": str(p), "data": str(tasks[t].path)} for t, p in paths.items()],
+        "model": {"kind": "hf_causal_lm", "max_length": settings.max_length, "chat_template": chat},
+    }
+    title = f"SmolLM2-135M-Instruct experts on {len(tasks)} generative tasks{' (quick)' if quick else ''}"
+    learned = {
+        label: method | {"targets_cache": str(cache / "distill_targets")}
+        if method.get("objective") in ("distill", PICKED)
+        else method
+        for label, method in settings.learned.items()
+    }
+    suite = DemoSuite(title, config, accuracy, experts, learned, settings.grids)
+    suite.timings = timings
+    return suite

@@ -174,6 +174,7 @@ def test_each_objective_lowers_its_loss_and_writes_a_loadable_model(
     assert sum(last.values()) < sum(first.values()), record["losses"]
     assert set(summary.validation_accuracy) == {"a", "b"}
     model = AutoModelForCausalLM.from_pretrained(out)  # the output is a causal LM folder
+    assert (out / "chat_template.jinja").is_file()  # with the base's tokenizer, chat template included
     coefficients = json.loads((out / "coefficients.json").read_text())
     name = "model.layers.0.mlp.up_proj.weight"
     column = coefficients["columns"].index(coefficients["tensors"][name])

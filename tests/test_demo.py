@@ -21,3 +21,35 @@ def test_demo_runs_every_method_and_supermerge_wins(tmp_path: Path, capsys) -> N
     assert abs(mean["supermerge (tree, g=2)"] - mean["supermerge"]) < 0.05
     assert (tmp_path / "demo" / "accuracy.png").stat().st_size > 0
     assert Path(results["methods"]["supermerge"]["heatmap"]).is_file()
+
+
+def test_llm_demo_runs_every_method_on_tiny_causal_lms(tmp_path: Path, capsys, monkeypatch) -> None:
+    """`demo --llm`'s whole path (suite posed as instructions, causal-LM experts fine-tuned,
+    every method, choices and exact-match scoring, the objective picked on validation) on a tiny
+    random Llama and a fake source suite; the real run uses SmolLM2 and the built-in suite."""
+    from supermerge.demo import suite as builtin
+    from supermerge.demo.llm_demo import LLMDemoSettings, _learned, llm_demo_suite
+    from supermerge.demo.run import PICKED, run_demo
+    from tests.lm import tiny_lm
+    from tests.test_llm_suite import no_builtin, write_source
+
+    monkeypatch.setattr(builtin, "build_builtin_suite", no_builtin)
+    grids = {"average": [{}], "task_arithmetic": [{"lambda": 0.3}, {"lambda": 1.0}]}
+    settings = LLMDemoSettings(24, 8, 1, 1e-3, 4, 96, _learned(2, 0.1, 4, quick=True), grids)
+    base = tiny_lm(tmp_path / "base", 0)
+    suite = llm_demo_suite(tmp_path / "cache", True, False, settings, base, write_source(tmp_path / "src"))
+    results = run_demo(tmp_path / "demo", progress=False, suite=suite)
+    rows = results["methods"]
+    assert set(rows) == {"average", "task_arithmetic", "adamerging", "supermerge (cross_entropy)",
+                         "supermerge (distill)", "supermerge (tree, g=2)"}  # fmt: skip
+    assert set(results["experts"]) == {"noun", "topic", "langid", "drug"}
+    flat = {
+        rows[m]["params"]["objective"]: rows[m]["validation_accuracy"]
+        for m in rows
+        if "(" in m and "tree" not in m
+    }
+    assert rows["supermerge (tree, g=2)"]["params"]["objective"] == max(flat, key=flat.get) != PICKED
+    kept = [p for p in (tmp_path / "demo" / "merged").iterdir() if p.name.startswith("task_arithmetic")]
+    assert len(kept) == 1  # the grid's other merges are removed once beaten
+    assert "supermerge (distill)" in capsys.readouterr().out
+    assert (tmp_path / "demo" / "accuracy.png").is_file()

@@ -15,25 +15,28 @@ from supermerge.demo import suite as builtin
 from supermerge.demo.llm_suite import (
     ANSWER_CUE,
     DEFAULT_TASKS,
+    DRUG_TASK,
     MARKER_NAME,
     LLMSuiteSettings,
     LLMTask,
     build_llm_suite,
+    completion_of,
     cut_text,
     write_llm_suite,
 )
 from supermerge.errors import SupermergeError
 from supermerge.io.completions import CompletionTaskFile, read_completion_file, read_completion_suite
 
-SMALL = LLMSuiteSettings(train_size=40, test_size=12)
+SMALL = LLMSuiteSettings(train_size=40, test_size=12, chat=False)
 
 
 def write_source(folder: Path, per_class: tuple[int, int] = (20, 6), long_text: bool = False) -> Path:
-    """A classification suite (`read_suite` format) with every class the default tasks use, plus
+    """A classification suite (`read_suite` format) with every class the tasks use, plus
     one they do not: `per_class` (train, test) rows per class, each text distinct."""
     folder.mkdir(parents=True, exist_ok=True)
-    for source in {t.source for t in DEFAULT_TASKS}:
-        labels = [label for t in DEFAULT_TASKS if t.source == source for label, _ in t.answers] + ["other"]
+    specs = (*DEFAULT_TASKS, DRUG_TASK)
+    for source in {t.source for t in specs}:
+        labels = [label for t in specs if t.source == source for label, _ in t.answers] + ["other"]
         with (folder / f"{source}.jsonl").open("w", encoding="utf-8") as f:
             for split, n in zip(("train", "test"), per_class, strict=True):
                 for label in labels:
@@ -73,7 +76,8 @@ def test_default_tasks_parse_balanced_and_scored_as_declared(
     for spec in DEFAULT_TASKS:
         task = read_completion_file(folder / f"{spec.name}.jsonl")
         n = len(spec.answers)
-        answers = [a if chat else " " + a for _, a in spec.answers]
+        answers = [completion_of(spec, a, chat) for _, a in spec.answers]
+        assert all(a.startswith(" ") != chat for a in answers)
         assert task.scored_by_choices == (not spec.exact_match)
         examples = [e for s in task.splits.values() for e in s]
         for e in examples:
@@ -98,6 +102,15 @@ def test_default_tasks_parse_balanced_and_scored_as_declared(
     assert all(set(r) <= {"prompt", "completion", "choices", "split"} for r in raw)
 
 
+def test_optional_drug_task(tmp_path: Path, source: Path) -> None:
+    write_llm_suite(
+        source, tmp_path / "out", LLMSuiteSettings(tasks=(DRUG_TASK,), train_size=30, test_size=9)
+    )
+    task = read_completion_file(tmp_path / "out" / "drug.jsonl", validation_size=3)
+    assert task.scored_by_choices
+    assert set(per_class(task, ("test",)).values()) == {3} and len(per_class(task, ("test",))) == 3
+
+
 def test_exact_match_task_has_no_choices_on_disk(tmp_path: Path, source: Path) -> None:
     folder = build_llm_suite(tmp_path / "cache", progress=False, settings=SMALL, source=source)
     for spec in DEFAULT_TASKS:
@@ -119,6 +132,15 @@ def test_smallest_class_bounds_every_class_and_seed_is_deterministic(tmp_path: P
         ).read_bytes()
     write_llm_suite(source, tmp_path / "c", LLMSuiteSettings(train_size=400, test_size=400, seed=1))
     assert (tmp_path / "a" / "noun.jsonl").read_bytes() != (tmp_path / "c" / "noun.jsonl").read_bytes()
+
+
+def test_test_set_does_not_depend_on_the_train_size(tmp_path: Path, source: Path) -> None:
+    def test_rows(folder: Path) -> list[str]:
+        return [line for line in (folder / "noun.jsonl").read_text().splitlines() if '"test"' in line]
+
+    write_llm_suite(source, tmp_path / "a", LLMSuiteSettings(train_size=40, test_size=12))
+    write_llm_suite(source, tmp_path / "b", LLMSuiteSettings(train_size=16, test_size=12))
+    assert test_rows(tmp_path / "a") == test_rows(tmp_path / "b") and len(test_rows(tmp_path / "a")) == 12
 
 
 def test_long_texts_are_cut_at_a_word_boundary(tmp_path: Path) -> None:
@@ -214,6 +236,8 @@ def test_a_failed_build_leaves_nothing_half_written(tmp_path: Path, source: Path
         (LLMTask("x", "noun", "{text}", (("animal", "same"), ("plant", "same"))), "distinct"),
         (LLMTask("x", "noun", "{text}", (("animal", " animal"), ("plant", "plant"))), "outer spaces"),
         (LLMTask("x", "noun", "{txt}", (("animal", "animal"), ("plant", "plant"))), "question"),
+        (LLMTask("x", "noun", "{text}", (("animal", "a"), ("plant", "b")), reply="{nope}"), "reply"),
+        (LLMTask("x", "noun", "{text}", (("animal", "a"), ("plant", "b")), reply="same"), "replies"),
     ],
 )
 def test_bad_tasks_are_refused(tmp_path: Path, source: Path, task: LLMTask, message: str) -> None:
@@ -222,8 +246,8 @@ def test_bad_tasks_are_refused(tmp_path: Path, source: Path, task: LLMTask, mess
 
 
 def test_missing_source_file_is_refused(tmp_path: Path, source: Path) -> None:
-    (source / "drug.jsonl").unlink()
-    with pytest.raises(SupermergeError, match="drug.jsonl"):
+    (source / "verb.jsonl").unlink()
+    with pytest.raises(SupermergeError, match="verb.jsonl"):
         build_llm_suite(tmp_path / "cache", progress=False, settings=SMALL, source=source)
 
 

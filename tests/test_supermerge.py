@@ -302,3 +302,20 @@ def test_hf_encoder_kind_needs_a_config_and_the_named_head(capsys, tmp_path: Pat
         "heads": ["classifier.*"],
     }
     assert_refused(capsys, tmp_path, doc, "bert_expert", "no head tensor 'score.weight'")
+
+
+def test_distillation_finds_the_known_best_merge_without_labels(tmp_path: Path, seed: int) -> None:
+    """The label-free objective on a classifier: each task's expert logits as targets (labels
+    never read) lead to the same answer as cross entropy: useful layers kept, noise layers off."""
+    suite = build_toy_suite(tmp_path / "suite4", n_tasks=4, seed=seed)
+    for path in suite.validation.values():  # unlabelled inputs: drop y
+        torch.save({"x": torch.load(path, weights_only=True)["x"]}, path)
+    doc = toy_doc(tmp_path, suite, steps=100, objective="distill", temperature=2.0)
+    summary = run_learned_merge(config_from_dict(doc, tmp_path), progress=False)
+    record = json.loads((Path(summary.output) / "coefficients.json").read_text())
+    c = {t: dict(zip(record["columns"], row, strict=True)) for t, row in record["effective"].items()}
+    for i, task in enumerate(suite.experts):
+        assert c[task][f"branches.{i}.weight"] > 0.7, (task, c[task])
+        assert abs(c[task][f"branches.{(i + 1) % 4}.weight"]) < 0.25, (task, c[task])
+    ours = merged_accuracy(Path(summary.output), suite.test)
+    assert sum(ours.values()) / len(ours) > 0.85, ours

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from supermerge.demo.lm_finetune import hf_progress
 from supermerge.errors import SupermergeError
 from supermerge.io.atomic import atomic_folder
 from supermerge.io.digest import file_digest
@@ -73,26 +74,18 @@ def smollm2_gguf() -> Path:
 
 @contextmanager
 def _progress_bars(enabled: bool) -> Iterator[None]:
-    """Show or hide transformers' progress bars inside the block, the GGUF dequantisation's
-    included (that one is a plain tqdm of transformers' GGUF module, hidden by wrapping it)."""
+    """Show or hide transformers' progress bars inside the block (`hf_progress`), the GGUF
+    dequantisation's included (a plain tqdm of transformers' GGUF module, hidden by wrapping it)."""
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    from transformers.utils import logging as hf_logging
 
-    before = hf_logging.is_progress_bar_enabled()
     bar = gguf_utils.tqdm
-    if enabled:
-        hf_logging.enable_progress_bar()
-    else:
-        hf_logging.disable_progress_bar()
+    if not enabled:
         gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
-        yield
+        with hf_progress(enabled):
+            yield
     finally:
         gguf_utils.tqdm = bar
-        if before:
-            hf_logging.enable_progress_bar()
-        else:
-            hf_logging.disable_progress_bar()
 
 
 def _tied(model: torch.nn.Module) -> bool:
@@ -104,7 +97,9 @@ def _tied(model: torch.nn.Module) -> bool:
 def _check_turn_end(tokenizer) -> None:
     """EOS must be the token that ends an assistant turn of the chat template: completions are
     trained with EOS after them and greedy generation must stop there."""
-    turn_end = tokenizer.convert_tokens_to_ids(TURN_END)
+    turn_end = tokenizer.get_vocab().get(TURN_END)
+    if turn_end is None:
+        raise SupermergeError(f"the SmolLM2 tokenizer has no {TURN_END} token: not the expected GGUF file")
     if tokenizer.eos_token_id != turn_end:
         log.info("setting the tokenizer's EOS to %s (was %r)", TURN_END, tokenizer.eos_token)
         tokenizer.eos_token = TURN_END

@@ -65,14 +65,20 @@ QUICK_GRIDS = {
     "ties": [{"density": 0.2, "lambda": 1.0}],
     "dare_ties": [{"density": 0.5, "lambda": 1.0, "normalize": True}],
 }
-LLM_REAL = LLMDemoSettings(240, 60, 1, 5e-5, 16, 96, _learned(10, 0.1, 16, quick=False), GRIDS)
-LLM_QUICK = LLMDemoSettings(96, 32, 1, 5e-5, 8, 96, _learned(6, 0.1, 8, quick=True), QUICK_GRIDS)
+LLM_REAL = LLMDemoSettings(240, 60, 1, 1e-4, 16, 96, _learned(8, 0.1, 16, quick=False), GRIDS)
+LLM_QUICK = LLMDemoSettings(96, 32, 1, 1e-4, 8, 96, _learned(5, 0.1, 8, quick=True), QUICK_GRIDS)
 
 
 def llm_demo_suite(
-    cache: Path, quick: bool, progress: bool, settings: LLMDemoSettings | None = None
+    cache: Path,
+    quick: bool,
+    progress: bool,
+    settings: LLMDemoSettings | None = None,
+    base: Path | None = None,
+    source: Path | None = None,
 ) -> DemoSuite:
-    """SmolLM2-135M-Instruct experts fine-tuned on the built-in generative suite."""
+    """SmolLM2-135M-Instruct experts fine-tuned on the built-in generative suite; `base` and
+    `source` (a classification suite folder to pose) replace the built-in ones (tests)."""
     from supermerge.demo.llm_base import smollm2_base
     from supermerge.demo.llm_suite import LLMSuiteSettings, build_llm_suite
     from supermerge.demo.lm_evaluate import evaluate_lm
@@ -82,11 +88,11 @@ def llm_demo_suite(
     settings = settings or (LLM_QUICK if quick else LLM_REAL)
     timings = {}
     start = time.perf_counter()
-    base = smollm2_base(cache, progress)
+    base = base or smollm2_base(cache, progress)
     timings["base"] = time.perf_counter() - start
     start = time.perf_counter()
     suite_settings = replace(LLMSuiteSettings(), train_size=settings.train_size, test_size=settings.test_size)
-    folder = build_llm_suite(cache, progress, suite_settings)
+    folder = build_llm_suite(cache, progress, suite_settings, source)
     tasks = read_completion_suite(folder, settings.validation_size)
     timings["llm_suite"] = time.perf_counter() - start
     chat = suite_settings.chat
@@ -113,7 +119,7 @@ def llm_demo_suite(
         "experts": [{"name": t, "path": str(p), "data": str(tasks[t].path)} for t, p in paths.items()],
         "model": {"kind": "hf_causal_lm", "max_length": settings.max_length, "chat_template": chat},
     }
-    title = f"SmolLM2-135M-Instruct experts on {len(tasks)} generative tasks{' (quick)' if quick else ''}"
+    title = f"{base.name} experts on {len(tasks)} generative tasks{' (quick)' if quick else ''}"
     learned = {
         label: method | {"targets_cache": str(cache / "distill_targets")}
         if method.get("objective") in ("distill", PICKED)

@@ -1,23 +1,26 @@
 """The built-in generative suite: the built-in classification tasks posed as short instructions.
 
-Each task of `LLMSuiteSettings.tasks` takes a few classes of one built-in task (see
-`supermerge.demo.suite`), asks about its text in a one-line instruction and expects the class's
-answer word as the completion. Written as ``<task>.jsonl`` in the format of
+Each task of `LLMSuiteSettings.tasks` (`LLMTask`) takes a few classes of one built-in task (see
+`supermerge.demo.suite`), asks about its text in a short instruction that lists the answers,
+and expects the class's reply (``task.reply`` with the answer filled in, e.g. "This quote is in
+Italian.") as the completion. Written as ``<task>.jsonl`` in the format of
 `supermerge.io.completions`: lines {"prompt": str, "completion": str, "choices": [str, ...],
-"split": "train" | "test"}. A task scored by choices (rank classification over the answers of
+"split": "train" | "test"}. A task scored by choices (rank classification over the replies of
 its classes) has "choices" on every line; an exact-match task (the greedy generation, stripped,
-must equal the answer) has none. No validation rows: the reader carves validation from train.
+must equal the reply) has none. No validation rows: the reader carves validation from train.
 
-With `LLMSuiteSettings.chat` the prompts are meant to be read through the tokenizer's chat
-template (the instruction is the user turn; the answer is the assistant turn, no leading
-space); without it, a prompt ends in ``"\\nAnswer:"`` and its completions start with a space.
+With `LLMSuiteSettings.chat` (the default) the prompts are meant to be read through the
+tokenizer's chat template (the instruction is the user turn, the reply the assistant turn, no
+leading space); without it, a prompt ends in ``"\nAnswer:"`` and its completions start with a
+space.
 
 Texts longer than the task's `max_chars` are cut at a word boundary, so that prompts stay short
 (a forward pass per choice on a CPU). Every class gets the same number of train examples and of
 test examples: ``size // classes`` when every class has that many, else the smallest class's
 count. Train examples come from the source's train rows (its carved validation included), test
 examples from its test rows; a text that two classes or both splits share after cutting is
-dropped. Sampling is seeded per task.
+dropped. Sampling is seeded per task and split, so the test set does not depend on the train
+size.
 
 Layout: ``cache/llm_suite/`` holds the task files and `MARKER_NAME`, a JSON marker with the
 builder version, the settings and a digest of the source task files, written last; the folder
@@ -40,9 +43,11 @@ from supermerge.io.taskfile import TaskFile, read_suite
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = "supermerge-llm-suite/1"
+BUILDER_VERSION = "supermerge-llm-suite/2"  # 2: test and train sampled by separate generators
 MARKER_NAME = "_llm_suite.json"
 ANSWER_CUE = "\nAnswer:"  # ends a prompt meant to be read without the chat template
+# text cuts (characters) that keep most chat-templated examples within about 64 SmolLM2 tokens
+NOUN_CHARS, VERB_CHARS, TOPIC_CHARS, LANGID_CHARS, DRUG_CHARS = 60, 80, 60, 40, 60
 
 
 @dataclass(frozen=True)
@@ -55,9 +60,11 @@ class LLMTask:
         question: the instruction; ``{text}`` is filled with the text, ``{options}`` with the
             answers ("a, b, c or d").
         answers: (label in the source task, the answer the model should give) per class used.
-        exact_match: scored by exact match of the generated answer (no choices), else by rank
-            classification over the answers.
+        exact_match: scored by exact match of the generated reply (no choices), else by rank
+            classification over the replies of its classes.
         max_chars: longer texts are cut at the last word boundary before this many characters.
+        reply: the completion, ``{answer}`` filled with the class's answer (e.g. "This quote is
+            in {answer}." to match how a chat model phrases its reply).
     """
 
     name: str
@@ -66,6 +73,7 @@ class LLMTask:
     answers: tuple[tuple[str, str], ...]
     exact_match: bool = False
     max_chars: int = 120
+    reply: str = "{answer}"
 
     def options(self) -> str:
         """The answers as a list in words: "a, b, c or d"."""
@@ -77,35 +85,51 @@ DEFAULT_TASKS: tuple[LLMTask, ...] = (
     LLMTask(
         name="noun",
         source="noun",
-        question="Is this definition about {options}?\nDefinition: {text}",
-        answers=(("animal", "animal"), ("plant", "plant"), ("food", "food"), ("person", "person")),
+        question="Is this definition about {options}?\n{text}",
+        answers=(("animal", "an animal"), ("plant", "a plant"), ("food", "food"), ("person", "a person")),
+        max_chars=NOUN_CHARS,
+        reply="This definition is about {answer}.",
+    ),
+    LLMTask(
+        name="verb",
+        source="verb",
+        question="Is this verb about {options}?\n{text}",
+        answers=tuple((c, c) for c in ("motion", "communication", "consumption", "emotion")),
+        max_chars=VERB_CHARS,
+        reply="This verb is about {answer}.",
     ),
     LLMTask(
         name="topic",
         source="topic",
-        question="What is this quote about: {options}?\nQuote: {text}",
-        answers=(
-            ("computers", "computers"),
-            ("politics", "politics"),
-            ("science", "science"),
-            ("love", "love"),
-        ),
+        question="Is this quote about {options}?\n{text}",
+        answers=tuple((c, c) for c in ("computers", "politics", "food", "love")),
+        max_chars=TOPIC_CHARS,
+        reply="This quote is about {answer}.",
     ),
     LLMTask(
         name="langid",
         source="langid",
-        question="Which language is this quote in: {options}? Answer with one word.\nQuote: {text}",
+        question="Which language is this quote in: {options}?\n{text}",
         answers=(("en", "English"), ("de", "German"), ("es", "Spanish"), ("it", "Italian")),
         exact_match=True,
-    ),
-    LLMTask(
-        name="drug",
-        source="drug",
-        question="Is this drug review {options}?\nReview: {text}",
-        answers=(("positive", "positive"), ("negative", "negative"), ("neutral", "neutral")),
-        max_chars=160,
+        max_chars=LANGID_CHARS,
+        reply="This quote is in {answer}.",
     ),
 )
+"""noun, verb, topic (scored by choices) and langid (by exact match), 4 classes each. The replies
+are sentences as SmolLM2-135M-Instruct phrases them in a chat turn ("This quote is in
+Italian."): with one-word replies its rank classification picked the same class for every
+example and its generations never matched."""
+
+DRUG_TASK = LLMTask(
+    name="drug",
+    source="drug",
+    question="Is this drug review {options}?\n{text}",
+    answers=tuple((c, c) for c in ("positive", "negative", "neutral")),
+    max_chars=DRUG_CHARS,
+    reply="This review is {answer}.",
+)
+"""An optional fifth task (not in `DEFAULT_TASKS`: the base is barely above chance on it)."""
 
 
 @dataclass(frozen=True)
@@ -117,14 +141,15 @@ class LLMSuiteSettings:
         train_size: train examples per task at most (split evenly over its classes).
         test_size: test examples per task at most (split evenly over its classes).
         seed: seeds the sampling (mixed with each task's name).
-        chat: the prompts are meant for the chat template (see the module docstring).
+        chat: the prompts are meant for the chat template (see the module docstring); the
+            default tasks need it (an instruct model ends its turn with EOS, and is scored so).
     """
 
     tasks: tuple[LLMTask, ...] = field(default=DEFAULT_TASKS)
     train_size: int = 240
     test_size: int = 60
     seed: int = 0
-    chat: bool = False
+    chat: bool = True
 
 
 def cut_text(text: str, max_chars: int) -> str:
@@ -143,9 +168,11 @@ def pose(task: LLMTask, text: str, chat: bool) -> str:
     return prompt if chat else prompt + ANSWER_CUE
 
 
-def completion_of(answer: str, chat: bool) -> str:
-    """The completion for an answer: as is in a chat turn, after a space otherwise."""
-    return answer if chat else " " + answer
+def completion_of(task: LLMTask, answer: str, chat: bool) -> str:
+    """The completion for an answer: `task.reply` filled in, as is in a chat turn, after a space
+    otherwise."""
+    reply = task.reply.format(answer=answer)
+    return reply if chat else " " + reply
 
 
 def _check(task: LLMTask, source: TaskFile) -> None:
@@ -168,6 +195,16 @@ def _check(task: LLMTask, source: TaskFile) -> None:
         raise SupermergeError(
             f"LLM task {task.name!r}: question cannot be filled with {{text}}, {{options}} ({e})"
         ) from None
+    try:
+        replies = [task.reply.format(answer=a) for a in answers]
+    except (KeyError, IndexError, ValueError) as e:
+        raise SupermergeError(
+            f"LLM task {task.name!r}: reply cannot be filled with {{answer}} ({e})"
+        ) from None
+    if len(set(replies)) != len(replies) or not all(r.strip() == r and r for r in replies):
+        raise SupermergeError(
+            f"LLM task {task.name!r}: replies must be distinct, non-empty, without outer spaces"
+        )
 
 
 def _pools(task: LLMTask, source: TaskFile) -> dict[str, dict[str, list[str]]]:
@@ -233,18 +270,18 @@ def write_llm_suite(
             raise SupermergeError(
                 f"LLM task {task.name!r}: no usable {source.path} examples of {', '.join(empty)}"
             )
-        rng = random.Random(f"{settings.seed}:{task.name}")
         answer = dict(task.answers)
-        choices = [completion_of(a, settings.chat) for _, a in task.answers]
+        choices = [completion_of(task, a, settings.chat) for _, a in task.answers]
         counts = {}
         with (out_dir / f"{task.name}.jsonl").open("w", encoding="utf-8") as f:
             for split, size in (("train", settings.train_size), ("test", settings.test_size)):
-                rows = _sample(pools[split], size, rng)
+                # one generator per split: the test set does not depend on the train size
+                rows = _sample(pools[split], size, random.Random(f"{settings.seed}:{task.name}:{split}"))
                 counts[split] = len(rows)
                 for text, label in rows:
                     row = {
                         "prompt": pose(task, text, settings.chat),
-                        "completion": completion_of(answer[label], settings.chat),
+                        "completion": completion_of(task, answer[label], settings.chat),
                     }
                     if not task.exact_match:
                         row["choices"] = choices

@@ -123,7 +123,7 @@ def choice_scores(
                 past_key_values=cache,
                 use_cache=True,
             ).last_hidden_state  # [R, Tc, H]
-            hidden = torch.cat([hidden, cont], 1)  # [R, Tc + 1, H]: row t predicts scored token t
+            hidden = torch.cat([hidden, cont], 1)  # [R, Tc + 1, H]: position t predicts scored token t
         valid = valid.to(device)
         logp = head(hidden[valid]).float().log_softmax(-1)  # [M, vocab]
         token_logp = logp.gather(1, targets.to(device)[valid][:, None])[:, 0].cpu()  # [M]

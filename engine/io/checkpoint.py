@@ -57,6 +57,9 @@ CARRIED_FILES = (
     "vocab.json",
     "merges.txt",
     "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 # Named tensors: a state dict, a model body or a head, a batch of model inputs.
 Tensors = dict[str, torch.Tensor]

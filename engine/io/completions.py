@@ -67,7 +67,9 @@ def _fill(path: Path, pattern: str, field: str, value: str | int, where: str) ->
     try:
         return pattern.format(**{field: value})
     except (KeyError, IndexError, ValueError) as e:
-        raise InputError(path, f"{where}: template {pattern!r} cannot be filled with {{{field}}} ({e})") from None
+        raise InputError(
+            path, f"{where}: template {pattern!r} cannot be filled with {{{field}}} ({e})"
+        ) from None
 
 
 def _string_list(value: object) -> bool:
@@ -91,7 +93,9 @@ def read_completion_file(
         number, header = rows.pop(0)
         spec = header["template"]
         if set(header) != {"template"} or not isinstance(spec, dict) or set(spec) - {"prompt", "completion"}:
-            raise InputError(path, f"line {number}: expected {{\"template\": {{\"prompt\": ..., \"completion\": ...}}}}")
+            raise InputError(
+                path, f'line {number}: expected {{"template": {{"prompt": ..., "completion": ...}}}}'
+            )
         if not all(isinstance(v, str) for v in spec.values()):
             raise InputError(path, f"line {number}: template fields must be strings")
         template = Template(**spec)

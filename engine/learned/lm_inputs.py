@@ -55,7 +55,9 @@ def encode(tokenizer, prompt: str, completion: str, max_length: int, chat: bool 
 def collate(encoded: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded `input_ids`, `attention_mask`, `completion_mask` [B, T] (int64)."""
     width = max(len(ids) for ids, _ in encoded)
-    batch = {k: torch.zeros(len(encoded), width, dtype=torch.int64) for k in ("attention_mask", "completion_mask")}
+    batch = {
+        k: torch.zeros(len(encoded), width, dtype=torch.int64) for k in ("attention_mask", "completion_mask")
+    }
     batch["input_ids"] = torch.full((len(encoded), width), pad_id, dtype=torch.int64)
     for b, (ids, n_prompt) in enumerate(encoded):
         batch["input_ids"][b, : len(ids)] = torch.tensor(ids)

@@ -78,6 +78,18 @@ class TaskModel(ABC):
         return matrices[-1].shape[0] if matrices else None
 
 
+def skeleton(base: Checkpoint, auto_class: str, kind: str) -> nn.Module:
+    """The transformers model of the base's config.json (`auto_class`: "AutoModel", ...), its
+    weights on the meta device (never allocated), in eval mode."""
+    import transformers
+
+    if base.config is None:
+        raise ConfigError("model.kind", f"{kind} needs a base model folder with config.json: {base.path}")
+    config = transformers.AutoConfig.from_pretrained(base.path)
+    with init_empty_weights():
+        return getattr(transformers, auto_class).from_config(config).eval()
+
+
 class TorchModuleModel(TaskModel):
     """An arbitrary nn.Module whose parameters (head included) come from the checkpoints."""
 
@@ -94,16 +106,8 @@ class HFEncoderModel(TaskModel):
     """A transformers encoder (AutoModel of the base's config) plus a linear head per task."""
 
     def __init__(self, spec: ModelSpec, base: Checkpoint) -> None:
-        from transformers import AutoConfig, AutoModel
-
         self.spec = spec
-        if base.config is None:
-            raise ConfigError(
-                "model.kind", f"hf_encoder needs a base model folder with config.json: {base.path}"
-            )
-        config = AutoConfig.from_pretrained(base.path)
-        with init_empty_weights():
-            self.module = AutoModel.from_config(config).eval()
+        self.module = skeleton(base, "AutoModel", spec.kind)
 
     def logits(self, body: Tensors, head: Tensors, inputs: Tensors) -> torch.Tensor:
         hidden = functional_call(self.module, body, args=(), kwargs=inputs).last_hidden_state
@@ -121,16 +125,8 @@ class HFCausalLMModel(TaskModel):
     """
 
     def __init__(self, spec: ModelSpec, base: Checkpoint) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         self.spec = spec
-        if base.config is None:
-            raise ConfigError(
-                "model.kind", f"hf_causal_lm needs a base model folder with config.json: {base.path}"
-            )
-        config = AutoConfig.from_pretrained(base.path)
-        with init_empty_weights():
-            self.module = AutoModelForCausalLM.from_config(config).eval()
+        self.module = skeleton(base, "AutoModelForCausalLM", spec.kind)
         self.prefix = self.module.base_model_prefix
         self.decoder = getattr(self.module, self.prefix)
         output = self.module.get_output_embeddings()

@@ -205,8 +205,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from supermerge.demo.llm_demo import llm_demo_suite
 
         suite = llm_demo_suite(Path(args.cache).resolve(), args.quick, progress=not args.quiet)
+    workdir = args.workdir or ("runs/demo-llm" if args.llm else "runs/demo")
     run_demo(
-        args.workdir,
+        workdir,
         progress=not args.quiet,
         real=not args.toy,
         quick=args.quick,
@@ -214,6 +215,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         suite=suite,
     )
     return 0
+
+
+def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a causal LM reads a suite's rows: the chat template, the templates of text/label rows."""
+    parser.add_argument("--chat", action="store_true", help="causal LM: prompts in the chat template")
+    parser.add_argument(
+        "--prompt-template", help="causal LM: the prompt of a text/label row, {text} filled in"
+    )
+    parser.add_argument(
+        "--completion-template", help="causal LM: the completion of a text/label row (default ' {label}')"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,13 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--max-length", type=int, help="tokens per text (default 64; causal LM 128)")
     finetune.add_argument("--train-size", type=int, help="cap on train examples per task (default 1000)")
     finetune.add_argument("--seed", type=int, help="default 0")
-    finetune.add_argument("--chat", action="store_true", help="causal LM: prompts in the chat template")
-    finetune.add_argument(
-        "--prompt-template", help="causal LM: the prompt of a text/label row, {text} filled in"
-    )
-    finetune.add_argument(
-        "--completion-template", help="causal LM: the completion of a text/label row (default ' {label}')"
-    )
+    _add_prompt_arguments(finetune)
     finetune.add_argument("--device", default="cpu", help="causal LM: where to train (default cpu)")
     finetune.set_defaults(func=cmd_finetune)
 
@@ -329,13 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
     evaluate.add_argument("--max-length", type=int, help="tokens per text (default 64; causal LM 128)")
     evaluate.add_argument("--batch-size", type=int, help="sequences per batch (default 64; causal LM 16)")
-    evaluate.add_argument("--chat", action="store_true", help="causal LM: prompts in the chat template")
-    evaluate.add_argument(
-        "--prompt-template", help="causal LM: the prompt of a text/label row, {text} filled in"
-    )
-    evaluate.add_argument(
-        "--completion-template", help="causal LM: the completion of a text/label row (default ' {label}')"
-    )
+    _add_prompt_arguments(evaluate)
     evaluate.add_argument(
         "--max-new-tokens",
         type=int,

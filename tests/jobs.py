@@ -43,6 +43,11 @@ def write_config(folder: Path, toy, output: str, experts: dict | None = None, **
         "heads": ["head.*"],
         "output": output,
     }
+    return write_yaml(folder, output, doc, distributed)
+
+
+def write_yaml(folder: Path, output: str, doc: dict, distributed: dict | None) -> Path:
+    """`doc` (with its distributed block, if any) as `<folder>/<output>.yaml`."""
     if distributed:
         doc["distributed"] = distributed
     path = folder / f"{output}.yaml"
@@ -149,8 +154,4 @@ def write_lm_config(
         "model": {"kind": "hf_causal_lm", "max_length": 32},
         "output": output,
     }
-    if distributed:
-        doc["distributed"] = distributed
-    path = folder / f"{output}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    return write_yaml(folder, output, doc, distributed)

@@ -31,6 +31,7 @@ def test_llm_demo_runs_every_method_on_tiny_causal_lms(tmp_path: Path, capsys, m
     random Llama and a fake source suite; the real run uses SmolLM2 and the built-in suite."""
     from supermerge.demo import suite as builtin
     from supermerge.demo.llm_demo import LLMDemoSettings, _learned, llm_demo_suite
+    from supermerge.demo.llm_suite import DEFAULT_TASKS
     from supermerge.demo.run import PICKED, run_demo
     from tests.lm import tiny_lm
     from tests.test_llm_suite import no_builtin, write_source
@@ -44,7 +45,7 @@ def test_llm_demo_runs_every_method_on_tiny_causal_lms(tmp_path: Path, capsys, m
     rows = results["methods"]
     assert set(rows) == {"average", "task_arithmetic", "adamerging", "supermerge (cross_entropy)",
                          "supermerge (distill)", "supermerge (tree, g=2)"}  # fmt: skip
-    assert set(results["experts"]) == {"noun", "topic", "langid", "drug"}
+    assert set(results["experts"]) == {t.name for t in DEFAULT_TASKS}
     flat = {
         rows[m]["params"]["objective"]: rows[m]["validation_accuracy"]
         for m in rows

@@ -334,7 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", nargs="+", help="only these tasks")
     evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
     evaluate.add_argument("--max-length", type=int, help="tokens per text (default 64; causal LM 128)")
-    evaluate.add_argument("--batch-size", type=int, help="sequences per batch (default 64; causal LM 16)")
+    evaluate.add_argument(
+        "--batch-size",
+        type=int,
+        help="texts per batch (default 64; causal LM 16 prompts, their choices scored in one more call)",
+    )
     _add_prompt_arguments(evaluate)
     evaluate.add_argument(
         "--max-new-tokens",

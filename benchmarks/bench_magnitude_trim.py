@@ -2,8 +2,10 @@
 
 For each kind of task vector and each density, times mergekit's
 `sparsify(tau, density, SparsificationMethod.magnitude)` (argsort of |tau|, then a mask) and
-supermerge's `magnitude_trim` (same kept entries without sorting, in place) in this process,
-checks that they keep the same entries bit for bit, and prints the speed ratio. With --memory,
+supermerge's `magnitude_trim` (same kept entries without sorting, in place) in this process, the
+latter twice: with its compiled replay (kernels/sorted_range.cpp) and with its replay in torch
+operations (what runs without a C++ compiler); checks that all keep the same entries bit for
+bit, and prints the speed ratios. With --memory,
 each trim also runs in a fresh subprocess that reports its peak RSS above what it held before
 the trim (Linux: VmHWM after resetting it through /proc/self/clear_refs), in units of tau's size
 (mergekit's figure includes its output tensor; supermerge trims in place).
@@ -28,15 +30,19 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from bench_merge_vs_mergekit import cpu_model
 from mergekit.sparsify import SparsificationMethod, sparsify
 
+from supermerge.kernels import sorted_range_cpu
 from supermerge.methods.sparsify import magnitude_trim
 
 KINDS = ("float32", "float32_of_bfloat16", "bfloat16")
+TOOLS = ("mergekit", "compiled", "torch_ops")  # the last two: supermerge's two replays
 DELTA_STD = 0.002
 
 
@@ -56,10 +62,24 @@ def task_vector(kind: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return out
 
 
+@contextmanager
+def torch_ops_replay() -> Iterator[None]:
+    """supermerge's trims replay std::sort in torch operations, as without a C++ compiler."""
+    supports = sorted_range_cpu.supports
+    sorted_range_cpu.supports = lambda flat: False
+    try:
+        yield
+    finally:
+        sorted_range_cpu.supports = supports
+
+
 def trim(tool: str, tau: torch.Tensor, density: float) -> torch.Tensor:
     """One trim: mergekit's returns a new tensor; supermerge's zeroes `tau` in place."""
     if tool == "mergekit":
         return sparsify(tau, density, SparsificationMethod.magnitude)
+    if tool == "torch_ops":
+        with torch_ops_replay():
+            return magnitude_trim(tau, density)
     return magnitude_trim(tau, density)
 
 
@@ -128,30 +148,34 @@ def main() -> None:
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
     print(f"Tensor {' x '.join(map(str, shape))}, best of {args.repeats}; times in seconds.\n")
-    header = "| kind | density | mergekit | supermerge | speedup | same entries |"
+    if sorted_range_cpu.library() is None:
+        raise SystemExit("the compiled trim could not be built here (see the warning above)")
+    header = "| kind | density | mergekit | compiled | torch ops | speedup compiled | speedup torch ops "
+    header += "| same entries |"
     if args.memory:
-        header += " peak mergekit (x tau) | peak supermerge (x tau) |"
+        header += " peak mergekit (x tau) | peak compiled (x tau) | peak torch ops (x tau) |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
-    ratios = []
+    ratios: dict[str, list[float]] = {"compiled": [], "torch_ops": []}
     for kind in args.kinds:
         tau = task_vector(kind, shape, seed=0)
         for density in args.densities:
-            theirs_s, theirs = best_seconds("mergekit", tau, density, args.repeats)
-            ours_s, ours = best_seconds("supermerge", tau, density, args.repeats)
-            same = torch.equal(ours != 0, theirs != 0) and torch.equal(ours, theirs)
-            ratios.append(theirs_s / ours_s)
-            row = (
-                f"| {kind} | {density} | {theirs_s:.3f} | {ours_s:.3f} | {theirs_s / ours_s:.1f}x | {same} |"
+            runs = {tool: best_seconds(tool, tau, density, args.repeats) for tool in TOOLS}
+            theirs_s, theirs = runs["mergekit"]
+            same = all(
+                torch.equal(out != 0, theirs != 0) and torch.equal(out, theirs) for _, out in runs.values()
             )
+            for tool in ratios:
+                ratios[tool].append(theirs_s / runs[tool][0])
+            times = " | ".join(f"{runs[tool][0]:.3f}" for tool in TOOLS)
+            speedups = " | ".join(f"{theirs_s / runs[tool][0]:.1f}x" for tool in ratios)
+            row = f"| {kind} | {density} | {times} | {speedups} | {same} |"
             if args.memory:
-                peaks = [
-                    peak_child(tool, kind, shape, density, args.threads)
-                    for tool in ("mergekit", "supermerge")
-                ]
-                row += f" {peaks[0]:.2f} | {peaks[1]:.2f} |"
+                peaks = [peak_child(tool, kind, shape, density, args.threads) for tool in TOOLS]
+                row += "".join(f" {peak:.2f} |" for peak in peaks)
             print(row, flush=True)
-    print(f"\nSpeedup: min {min(ratios):.1f}x, max {max(ratios):.1f}x.")
+    for tool, values in ratios.items():
+        print(f"\nSpeedup of {tool} over mergekit: min {min(values):.1f}x, max {max(values):.1f}x.")
 
 
 if __name__ == "__main__":

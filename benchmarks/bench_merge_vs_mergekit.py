@@ -233,6 +233,17 @@ def max_relative_diff(a_dir: Path, b_dir: Path, names: list[str]) -> float:
     return worst
 
 
+def models_match(models: Path, config: dict, experts: int, shard_size: int) -> bool:
+    """True if `models` holds a complete set written by this script for the same shape."""
+    made = models / "made.json"
+    if not made.is_file() or json.loads(made.read_text()) != {"experts": experts, "shard": shard_size}:
+        return False
+    return all(
+        (folder / "config.json").is_file() and json.loads((folder / "config.json").read_text()) == config
+        for folder in [models / "base", *(models / f"expert{i}" for i in range(experts))]
+    )
+
+
 def cpu_model() -> str:
     """CPU model name from /proc/cpuinfo."""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -261,6 +272,9 @@ def main() -> None:
     )
     parser.add_argument("--workdir", type=Path, default=REPO / ".cache" / "bench" / "merge_vs_mergekit")
     parser.add_argument("--keep", action="store_true", help="keep the generated models")
+    parser.add_argument(
+        "--reuse", action="store_true", help="reuse models kept by an earlier --keep run of the same shape"
+    )
     parser.add_argument("--results", type=Path, help="write the results as markdown here")
     args = parser.parse_args()
 
@@ -280,15 +294,22 @@ def main() -> None:
         flush=True,
     )
     models = args.workdir / "models"
-    if args.workdir.exists():
-        shutil.rmtree(args.workdir)
-    start = time.perf_counter()
     config = hf_config(layers, args.dtype)
-    write_model(models / "base", shapes, config, dtype, args.shard_size, 0, None)
     experts = [models / f"expert{i}" for i in range(args.experts)]
-    for i, folder in enumerate(experts):
-        write_model(folder, shapes, config, dtype, args.shard_size, i + 1, models / "base")
-        print(f"  wrote expert {i + 1}/{args.experts} ({time.perf_counter() - start:.0f} s)", flush=True)
+    if args.reuse and models_match(models, config, args.experts, args.shard_size):
+        print(f"reusing the models in {models}", flush=True)
+    else:
+        if args.workdir.exists():
+            shutil.rmtree(args.workdir)
+        start = time.perf_counter()
+        write_model(models / "base", shapes, config, dtype, args.shard_size, 0, None)
+        for i, folder in enumerate(experts):
+            write_model(folder, shapes, config, dtype, args.shard_size, i + 1, models / "base")
+            print(f"  wrote expert {i + 1}/{args.experts} ({time.perf_counter() - start:.0f} s)", flush=True)
+        (models / "made.json").write_text(json.dumps({"experts": args.experts, "shard": args.shard_size}))
+    for method in args.methods if args.methods != ["all"] else []:
+        if method not in METHODS:
+            raise SystemExit(f"unknown method {method!r} (known: {list(METHODS)})")
 
     baseline = run_child(BASELINE_CHILD).peak_rss
     print(f"baseline process (python + import supermerge.merge): peak RSS {gib(baseline)}", flush=True)

@@ -35,8 +35,9 @@ import torch
 
 from supermerge.config import MergeConfig, SourceSpec
 from supermerge.errors import InputError
+from supermerge.io.adapters import AdapterCheckpoint, open_expert
 from supermerge.io.checkpoint import Checkpoint, TensorInfo, TensorSet
-from supermerge.io.memory import TensorBytes, cuda_peak_bytes, nbytes, peak_rss_bytes
+from supermerge.io.memory import Scratch, TensorBytes, cuda_peak_bytes, nbytes, peak_rss_bytes
 from supermerge.io.output import MergeSummary, output_bytes, write_extras, write_tensors
 from supermerge.io.paths import check_apart
 from supermerge.io.writer import ShardedWriter, prepare_output
@@ -78,6 +79,9 @@ class CheckpointView(TensorSet):
 
     def read(self, name: str) -> torch.Tensor:
         return self.checkpoint.read(self.own[name])
+
+    def read_into(self, name: str, out: torch.Tensor, staging: torch.Tensor) -> torch.Tensor:
+        return self.checkpoint.read_into(self.own[name], out, staging)
 
     def read_range(self, name: str, lo: int, hi: int) -> torch.Tensor:
         return self.checkpoint.read_range(self.own[name], lo, hi)
@@ -165,11 +169,12 @@ def plan_groups(cfg: MergeConfig, input_dtype: torch.dtype | None = None) -> lis
         source = open_source(cfg.base, [(e.name, e.path) for e in cfg.experts], cfg.heads, input_dtype)
         scopes = [(e.params,) for e in cfg.experts]
         return [Group(source, _depths(source.base.names), scopes, {})]
-    opened: dict[str, Checkpoint] = {}
+    opened: dict[str, Checkpoint | AdapterCheckpoint] = {}
 
     def checkpoint(model: str) -> Checkpoint:
         if model not in opened:
-            opened[model] = Checkpoint(cfg.base if model == "base" else experts[model].path)
+            base = opened.setdefault("base", Checkpoint(cfg.base))
+            opened[model] = base if model == "base" else open_expert(experts[model].path, base)
         return opened[model]
 
     groups, offset = [], 0
@@ -263,6 +268,9 @@ def run_merge(cfg: MergeConfig, overwrite: bool = False, progress: bool = True) 
         check_vocabularies(donor.path, [p for _, p in cfg.inputs() if Path(p).is_dir()])
     device = torch.device(cfg.device)
     held = TensorBytes()
+    scratch = Scratch()  # every group reads into the same buffers, one tensor at a time
+    for group in groups:
+        group.source.scratch = scratch
 
     def merger(group: Group) -> Callable[[str], torch.Tensor]:
         def merged_tensor(name: str) -> torch.Tensor:
@@ -270,7 +278,10 @@ def run_merge(cfg: MergeConfig, overwrite: bool = False, progress: bool = True) 
             taus = [t.to(device, compute) for t in group.source.task_vectors(name, base)]
             method = methods(name, group.depth[name], group.inputs(name), group.scope)
             merged = method.merge(name, base, taus)
-            held.observe(nbytes(base, merged, *taus) + writer.pending_bytes)
+            own = 0 if any(merged.data_ptr() == t.data_ptr() for t in (base, *taus)) else nbytes(merged)
+            held.observe(nbytes(base, *taus) + own + writer.pending_bytes)
+            if scratch.holds(merged):  # made in an input's memory, which the next tensor reuses
+                merged = merged.to(cfg.dtype or group.source.base.infos[name].dtype, copy=True)
             return merged
 
         return merged_tensor

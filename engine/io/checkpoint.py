@@ -385,24 +385,49 @@ class Checkpoint(TensorSet):
         self._state_dict = loaded
         return {name: TensorInfo(name, tuple(t.shape), t.dtype, path) for name, t in loaded.items()}
 
+    def _info(self, name: str) -> TensorInfo:
+        info = self.infos.get(name)
+        if info is None:
+            raise InputError(self.path, "no such tensor in checkpoint", name)
+        return info
+
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor from disk (its stored dtype, on CPU).
 
         Raises:
             InputError: the tensor does not exist or its data is truncated.
         """
-        info = self.infos.get(name)
-        if info is None:
-            raise InputError(self.path, "no such tensor in checkpoint", name)
+        info = self._info(name)
         if self._state_dict is not None:
             return self._state_dict[name]
         return _read_safetensors_elements(info, 0, info.numel).view(info.shape)
 
+    def read_into(self, name: str, out: torch.Tensor, staging: torch.Tensor) -> torch.Tensor:
+        """Tensor `name` converted into `out` (contiguous CPU, as many elements, any dtype), read
+        through `staging` (a uint8 buffer of a few MiB, at least one element) piece by piece:
+        no buffer of the stored tensor's size is made. Returns `out`.
+
+        Raises:
+            InputError: the tensor does not exist or its data is truncated.
+        """
+        info = self._info(name)
+        if self._state_dict is not None:
+            return out.copy_(self._state_dict[name].reshape(out.shape))
+        flat, item = out.view(-1), info.dtype.itemsize
+        per = staging.numel() // item
+        with info.file.open("rb") as f:
+            f.seek(info.offset)
+            for lo in range(0, info.numel, per):
+                hi = min(lo + per, info.numel)
+                piece = staging[: (hi - lo) * item]
+                if f.readinto(memoryview(piece.numpy())) != (hi - lo) * item:
+                    raise InputError(info.file, "truncated tensor data", info.name)
+                flat[lo:hi].copy_(piece.view(info.dtype))
+        return out
+
     def read_range(self, name: str, lo: int, hi: int) -> torch.Tensor:
         """Elements [lo, hi) of tensor `name` flattened, [hi - lo], reading only those bytes."""
-        info = self.infos.get(name)
-        if info is None:
-            raise InputError(self.path, "no such tensor in checkpoint", name)
+        info = self._info(name)
         if not 0 <= lo <= hi <= info.numel:
             raise ValueError(f"{name}: element range [{lo}, {hi}) outside [0, {info.numel})")
         if self._state_dict is not None:

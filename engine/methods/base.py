@@ -3,7 +3,8 @@
 A method is a small class registered under a name. It receives, for one parameter tensor,
 the fp32 base tensor and the k task vectors, and returns the merged fp32 tensor. Parameters
 come from the YAML's `method:` block (a dataclass per method, validated on construction) and
-per-expert overrides (`weight`, `density`) from the `experts:` list.
+per-expert overrides (`weight`, `density`, and where a method takes them `gamma`, `epsilon`) from
+the `experts:` list.
 """
 
 from __future__ import annotations
@@ -31,11 +32,20 @@ class ExpertParams:
         name: task name of the expert.
         weight: its coefficient in the weighted sum (unitless).
         density: fraction of its task vector kept by sparsifying methods, in (0, 1].
+        gamma: fraction of its largest |tau| dropped as outliers (Model Breadcrumbs).
+        epsilon: half the spread of its keep probabilities (DELLA).
+    Only the fields in the method's `per_expert` are resolved; the others keep these defaults.
     """
 
     name: str
     weight: float = 1.0
     density: float = 1.0
+    gamma: float = 0.0
+    epsilon: float = 0.0
+
+
+# every per-expert parameter a method may take (ExpertParams' fields)
+PER_EXPERT_FIELDS = ("weight", "density", "gamma", "epsilon")
 
 
 def tensor_seed(seed: int, expert: str, tensor: str) -> int:
@@ -77,7 +87,9 @@ class MergeMethod(ABC):
             base: base tensor, fp32.
             taus: k task vectors shaped like `base`, fp32, in expert order.
         Returns:
-            merged tensor, fp32, shaped like `base`.
+            merged tensor, fp32, shaped like `base`. A method may make it in the memory of
+            `base` or of a task vector, and may overwrite them: the caller reads them fresh for
+            every tensor.
         """
 
 
@@ -93,7 +105,7 @@ def resolve_experts(
     """
     resolved = []
     for i, e in enumerate(experts):
-        overrides = {k: e[k] for k in ("weight", "density") if k in e}
+        overrides = {k: e[k] for k in PER_EXPERT_FIELDS if k in e}
         for key in overrides:
             if key not in cls.per_expert:
                 raise ConfigError(f"experts[{i}].{key}", f"method '{cls.name}' takes no per-expert {key}")

@@ -20,7 +20,10 @@ last ranges of 16 or fewer). Which of several entries of equal magnitude fall in
 range is whatever that algorithm leaves, not an index order. `keep_sorted_range_` keeps exactly
 those entries without sorting: it replays the algorithm's partitions only on the ranges that hold
 an end of the kept range (a quickselect along std::sort's own pivots, O(numel) expected), so the
-kept entries are the same bit for bit, ties included. torch sorts CUDA tensors with other
+kept entries are the same bit for bit, ties included. On the CPU the replay is compiled C++
+(supermerge.kernels.sorted_range_cpu, built on first use); without a compiler, or on another
+device, it runs as torch operations on chunks (`_SortedRangeSelection`, same entries, about 1.5x
+slower on 2 cores). torch sorts CUDA tensors with other
 algorithms, so mergekit run on a GPU may keep other entries among ties; this reproduces mergekit
 on the CPU (its default), whatever the device.
 """
@@ -36,6 +39,8 @@ from dataclasses import dataclass
 from enum import Enum
 
 import torch
+
+from supermerge.kernels import sorted_range_cpu
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +128,7 @@ def random_drop(tau: torch.Tensor, density: float, rescale: Rescale, seed: int) 
     """Drop each element of `tau` with probability 1 - density, then rescale (DARE).
 
     Args:
-        tau: task vector, any shape, fp32, on CPU or GPU (not modified).
+        tau: task vector, any shape, fp32, on CPU or GPU; modified in place and returned.
         density: keep probability, in (0, 1].
         rescale: how to compensate for the dropped mass.
         seed: seeds a generator on tau's device; the same seed gives the same mask.
@@ -133,8 +138,7 @@ def random_drop(tau: torch.Tensor, density: float, rescale: Rescale, seed: int) 
     work = _work_dtype(tau)
     generator = torch.Generator(device=tau.device).manual_seed(seed)
     mask = torch.bernoulli(torch.full_like(tau, density, dtype=work), generator=generator)
-    work_tau = tau.to(work)
-    return rescale_kept_(work_tau * mask, _l1(work_tau, rescale), rescale, density).to(tau.dtype)
+    return _drop_(tau, mask, rescale, density)
 
 
 def magnitude_ranked_drop(
@@ -149,7 +153,7 @@ def magnitude_ranked_drop(
     tensors of tau's size), as they do in mergekit.
 
     Args:
-        tau: task vector, any shape, fp32 (not modified).
+        tau: task vector, any shape, fp32; modified in place and returned.
         density: mean keep probability, in (0, 1]; with epsilon, density +- epsilon in (0, 1).
         epsilon: half the spread of the keep probabilities.
         rescale: how to compensate for the dropped mass.
@@ -169,8 +173,16 @@ def magnitude_ranked_drop(
     probs = (density - epsilon) + rank_norm * 2 * epsilon
     generator = torch.Generator(device=tau.device).manual_seed(seed)
     mask = torch.bernoulli(probs, generator=generator).reshape(tau.shape)
-    work_tau = tau.to(work)
-    return rescale_kept_(work_tau * mask, _l1(work_tau, rescale), rescale, density).to(tau.dtype)
+    del probs, rank_norm, ranks
+    return _drop_(tau, mask, rescale, density)
+
+
+def _drop_(tau: torch.Tensor, mask: torch.Tensor, rescale: Rescale, density: float) -> torch.Tensor:
+    """tau * mask rescaled, computed in the mask's dtype as mergekit does, in tau's memory."""
+    work_tau = tau.to(mask.dtype)  # tau itself when the dtypes agree
+    before = _l1(work_tau, rescale)
+    kept = rescale_kept_(work_tau.mul_(mask), before, rescale, density)
+    return kept if kept.data_ptr() == tau.data_ptr() else tau.copy_(kept)
 
 
 def _work_dtype(tau: torch.Tensor) -> torch.dtype:
@@ -241,9 +253,28 @@ def keep_sorted_range_(tau: torch.Tensor, lo: int, hi: int, descending: bool) ->
         flat[order[:lo]] = 0
         flat[order[hi:]] = 0
         return tau
+    if sorted_range_cpu.supports(flat) and native_matches_torch():
+        sorted_range_cpu.keep_sorted_range(flat, lo, hi, descending)
+        return tau
     with one_cpu_thread(flat.device):
         _SortedRangeSelection(flat, lo, hi, descending).run()
     return tau
+
+
+def _select_like_torch(select: Callable[[torch.Tensor, int, int, bool], object]) -> bool:
+    """Whether `select(values, lo, hi, descending)`, zeroing in place the entries torch's CPU
+    argsort does not put at [lo, hi), agrees with torch on tensors full of ties."""
+    gen = torch.Generator().manual_seed(0)
+    for n, levels in ((3001, 7), (5000, 1000)):
+        values = torch.randint(1, levels + 1, (n,), generator=gen).float()
+        for lo, hi, descending in ((0, n // 3, True), (n // 7, n // 2, False)):
+            expected = torch.zeros(n, dtype=torch.bool)
+            expected[torch.argsort(values, descending=descending)[lo:hi]] = True
+            replayed = values.clone()
+            select(replayed, lo, hi, descending)
+            if not torch.equal(replayed != 0, expected):
+                return False
+    return True
 
 
 @functools.cache
@@ -252,21 +283,22 @@ def replay_matches_torch() -> bool:
     built with libstdc++, as its Linux wheels are), checked once on tensors full of ties. When it
     is not (another C++ library, a torch that sorts floats with x86-simd-sort), the trims argsort
     as mergekit does: as exact, and as slow."""
-    gen = torch.Generator().manual_seed(0)
-    for n, levels in ((3001, 7), (5000, 1000)):
-        values = torch.randint(1, levels + 1, (n,), generator=gen).float()
-        for lo, hi, descending in ((0, n // 3, True), (n // 7, n // 2, False)):
-            expected = torch.zeros(n, dtype=torch.bool)
-            expected[torch.argsort(values, descending=descending)[lo:hi]] = True
-            replayed = values.clone()
-            _SortedRangeSelection(replayed, lo, hi, descending).run()
-            if not torch.equal(replayed != 0, expected):
-                log.warning(
-                    "torch %s sorts unlike libstdc++'s std::sort: magnitude trims will argsort",
-                    torch.__version__,
-                )
-                return False
-    return True
+    if _select_like_torch(lambda *args: _SortedRangeSelection(*args).run()):
+        return True
+    log.warning(
+        "torch %s sorts unlike libstdc++'s std::sort: magnitude trims will argsort", torch.__version__
+    )
+    return False
+
+
+@functools.cache
+def native_matches_torch() -> bool:
+    """Whether the compiled replay (built here) agrees with torch's sort, checked once as
+    `replay_matches_torch` is; if not, the torch-operations replay is used."""
+    if _select_like_torch(sorted_range_cpu.keep_sorted_range):
+        return True
+    log.warning("the compiled magnitude trim disagrees with torch's sort here: using the slower replay")
+    return False
 
 
 @contextmanager

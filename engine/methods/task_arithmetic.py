@@ -25,7 +25,6 @@ from supermerge.methods.sparsify import (
     magnitude_outliers_trim,
     magnitude_ranked_drop,
     magnitude_trim,
-    one_cpu_thread,
     random_drop,
     variance_topk_mask,
 )
@@ -61,18 +60,19 @@ class Average(MergeMethod):
         normalize: bool = True
 
     def merge(self, name: str, base: torch.Tensor, taus: Sequence[torch.Tensor]) -> torch.Tensor:
-        total = sum(e.weight for e in self.experts)
-        if not self.params.normalize:  # sum_i w_i (base + tau_i)
-            mixed = torch.zeros_like(base)
-            for expert, tau in zip(self.experts, taus, strict=True):
-                mixed.add_(tau, alpha=expert.weight)
-            return mixed.add_(base, alpha=total)
-        if abs(total) < 1e-8:
-            raise ValueError("average: expert weights sum to zero")
-        mixed = torch.zeros_like(base)
-        for expert, tau in zip(self.experts, taus, strict=True):
-            mixed.add_(tau, alpha=expert.weight / total)
-        return mixed.add_(base)
+        """See MergeMethod.merge; the sum is made in the first task vector's memory."""
+        weights = [e.weight for e in self.experts]
+        total = sum(weights)
+        if self.params.normalize:  # sum_i w_i / W tau_i + base
+            if abs(total) < 1e-8:
+                raise ValueError("average: expert weights sum to zero")
+            weights, base_weight = [w / total for w in weights], 1.0
+        else:  # sum_i w_i (base + tau_i)
+            base_weight = total
+        mixed = taus[0].mul_(weights[0])
+        for weight, tau in zip(weights[1:], taus[1:], strict=True):
+            mixed.add_(tau, alpha=weight)
+        return mixed.add_(base, alpha=base_weight)
 
 
 class GeneralizedTaskArithmetic(MergeMethod):
@@ -94,28 +94,23 @@ class GeneralizedTaskArithmetic(MergeMethod):
         return tau
 
     def merge(self, name: str, base: torch.Tensor, taus: Sequence[torch.Tensor]) -> torch.Tensor:
-        """See MergeMethod.merge; `taus` are modified in place (the caller reads them fresh).
+        """See MergeMethod.merge; the merged tensor is made in `base`'s memory.
 
-        Memory: besides base and the k task vectors, the merged tensor, and temporaries of SLICE
-        elements (the sum, sign, agreement and divisor are computed slice by slice); nothing of
-        size k x numel. Before the merged tensor exists, each expert's sparsification holds its
-        own temporaries (magnitude trims: sparsify.keep_sorted_range_, about one task vector).
-        On the CPU it runs on one torch thread (sparsify.one_cpu_thread: its steps are many and
-        of moderate size; measured on 2 loaded cores, TIES of 4 x 2^24 elements: 1.9 s vs 5.7 s).
+        Memory: besides base and the k task vectors, temporaries of SLICE elements (the sum,
+        sign, agreement and divisor are computed slice by slice); nothing of size k x numel.
+        Each expert's sparsification holds its own temporaries first (magnitude trims:
+        sparsify.keep_sorted_range_, about one task vector).
         """
-        with one_cpu_thread(base.device):
-            weights = torch.tensor([e.weight for e in self.experts], dtype=base.dtype).tolist()
-            weighted = [
-                self._sparsified(name, tau, i).mul_(weight).reshape(-1)
-                for i, (weight, tau) in enumerate(zip(weights, taus, strict=True))
-            ]
-            merged = torch.empty(base.shape, dtype=base.dtype, device=base.device)
-            flat_base, flat_merged = base.reshape(-1), merged.view(-1)
-            for start in range(0, base.numel(), SLICE):
-                end = min(start + SLICE, base.numel())
-                mixed = self._combine([delta[start:end] for delta in weighted], weights)
-                torch.add(flat_base[start:end], mixed, out=flat_merged[start:end])
-        return merged
+        weights = torch.tensor([e.weight for e in self.experts], dtype=base.dtype).tolist()
+        weighted = [
+            self._sparsified(name, tau, i).mul_(weight).reshape(-1)
+            for i, (weight, tau) in enumerate(zip(weights, taus, strict=True))
+        ]
+        flat = base.view(-1)  # the merged tensor is made in base's memory, slice by slice
+        for start in range(0, base.numel(), SLICE):
+            end = min(start + SLICE, base.numel())
+            flat[start:end].add_(self._combine([delta[start:end] for delta in weighted], weights))
+        return base
 
     def _combine(self, deltas: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
         """lambda * the (sign-elected, normalised) sum of one slice of the weighted deltas, in
@@ -254,10 +249,11 @@ class _Breadcrumbs(GeneralizedTaskArithmetic):
     """Magnitude trim of both ends (sparsify.magnitude_outliers_trim), exact as TIES' is."""
 
     Params = BreadcrumbsParams
+    per_expert = ("weight", "density", "gamma")
 
     def _sparsified(self, name: str, tau: torch.Tensor, index: int) -> torch.Tensor:
-        density, p = self.experts[index].density, self.params
-        return magnitude_outliers_trim(tau, density, p.gamma, Rescale(p.rescale))
+        expert, p = self.experts[index], self.params
+        return magnitude_outliers_trim(tau, expert.density, expert.gamma, Rescale(p.rescale))
 
 
 class Breadcrumbs(_Breadcrumbs):
@@ -307,10 +303,12 @@ class DellaLinearParams(DellaParams):
 class _Della(GeneralizedTaskArithmetic):
     """MagPrune (sparsify.magnitude_ranked_drop), seeded per (seed, expert, tensor) as DARE."""
 
+    per_expert = ("weight", "density", "epsilon")
+
     def _sparsified(self, name: str, tau: torch.Tensor, index: int) -> torch.Tensor:
         expert, p = self.experts[index], self.params
         seed = tensor_seed(self.seed, expert.name, name)
-        return magnitude_ranked_drop(tau, expert.density, p.epsilon, Rescale(p.rescale), seed)
+        return magnitude_ranked_drop(tau, expert.density, expert.epsilon, Rescale(p.rescale), seed)
 
 
 class Della(_Della):

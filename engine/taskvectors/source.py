@@ -23,11 +23,14 @@ from pathlib import Path
 import torch
 
 from supermerge.errors import InputError
+from supermerge.io.adapters import AdapterCheckpoint, open_expert
 from supermerge.io.checkpoint import Checkpoint
 from supermerge.io.finite import non_finite
-from supermerge.io.memory import nbytes
+from supermerge.io.memory import Scratch, nbytes
 
 log = logging.getLogger(__name__)
+
+STAGING_BYTES = 16 << 20  # a streaming merge reads tensors through a buffer of this size
 
 # config.json fields that fix the architecture: experts must agree with the base on these.
 ARCHITECTURE_FIELDS = (
@@ -50,10 +53,11 @@ ARCHITECTURE_FIELDS = (
 
 @dataclass
 class Expert:
-    """One fine-tuned model to merge: a task name and its checkpoint."""
+    """One fine-tuned model to merge: a task name and its checkpoint (a model, or a PEFT adapter on
+    the base)."""
 
     name: str
-    checkpoint: Checkpoint
+    checkpoint: Checkpoint | AdapterCheckpoint
 
 
 def is_head(name: str, head_patterns: Sequence[str]) -> bool:
@@ -79,6 +83,9 @@ class TaskVectorSource:
         input_dtype: every base and expert tensor is rounded to this dtype as it is read, before
             anything else (a merge computing as mergekit does in its dtype, which loads its
             inputs in it); None: as stored.
+        scratch: where a streaming merge reads: then `read_base` and `task_vector(s)` return
+            tensors in its slots (CPU), valid until the next tensor is read (io.memory.Scratch);
+            None: fresh tensors the caller may keep.
 
     Raises:
         InputError: at construction, for any incompatibility (missing or extra tensor, shape
@@ -92,6 +99,7 @@ class TaskVectorSource:
         head_patterns: Sequence[str] = (),
         storage_dtype: torch.dtype | None = None,
         input_dtype: torch.dtype | None = None,
+        scratch: Scratch | None = None,
     ) -> None:
         if not experts:
             raise InputError(base.path, "no experts to merge")
@@ -100,6 +108,7 @@ class TaskVectorSource:
         self.head_patterns = tuple(head_patterns)
         self.storage_dtype = storage_dtype or torch.float32
         self.input_dtype = input_dtype
+        self.scratch = scratch
         self.names = [n for n in base.names if self.mergeable(base, n)]
         self.bytes_read = 0
         # per expert: a task vector tensor with a nonzero entry was read; else the names read in full
@@ -160,8 +169,20 @@ class TaskVectorSource:
         tensor = self._read(checkpoint, name, span)
         return tensor if self.input_dtype is None else tensor.to(self.input_dtype)
 
+    def _read_fp32(self, checkpoint: Checkpoint, name: str, slot: str) -> torch.Tensor:
+        """Tensor `name` in fp32 in the scratch slot `slot`, read piece by piece, checked finite."""
+        assert self.scratch is not None
+        info = checkpoint.infos[name]
+        out = self.scratch.take(slot, info.shape, torch.float32)
+        checkpoint.read_into(name, out, self.scratch.take("staging", (STAGING_BYTES,), torch.uint8))
+        self.bytes_read += info.nbytes
+        check_finite(out, checkpoint, name)
+        return out
+
     def read_base(self, name: str, span: tuple[int, int] | None = None) -> torch.Tensor:
         """Base tensor `name` in fp32 (only its flattened elements [lo, hi) when `span` is given)."""
+        if self.scratch is not None and span is None and self.input_dtype is None:
+            return self._read_fp32(self.base, name, "base")
         return self._input(self.base, name, span).float()
 
     def task_vectors(self, name: str, base: torch.Tensor) -> list[torch.Tensor]:
@@ -185,14 +206,56 @@ class TaskVectorSource:
         precision a method computes in as mergekit's does (supermerge.merge, compute_dtype).
         """
         expert = self.experts[index].checkpoint
-        # a copy: read() may hand out memory-mapped data that must not change
-        tau = self._input(expert, name, span).to(base.device, base.dtype, copy=True).sub_(base)
-        if not self._differs[index]:
-            if bool(tau.any()):
-                self._differs[index] = True
-            elif span is None or span == (0, expert.infos[name].numel):
-                self._zero_in_full[index].add(name)
+        if isinstance(expert, AdapterCheckpoint):
+            return self._adapter_task_vector(index, name, base, span)
+        in_scratch = self.scratch is not None and span is None and self.input_dtype is None
+        in_scratch = in_scratch and base.device.type == "cpu" and base.dtype == torch.float32
+        same = self._same_bytes(expert, name)  # e.g. mergekit's linear without a base: model 1 is it
+        slot = f"task vector {index}"
+        if same:
+            tau = (
+                torch.zeros_like(base)
+                if not in_scratch
+                else self.scratch.take(slot, base.shape, base.dtype).zero_()
+            )
+        elif in_scratch:
+            tau = self._read_fp32(expert, name, slot).sub_(base)
+        else:  # a copy: read() may hand out memory-mapped data that must not change
+            tau = self._input(expert, name, span).to(base.device, base.dtype, copy=True).sub_(base)
+        if same:
+            self._zero_in_full[index].add(name)
+        else:
+            self._note_zero(index, name, tau, span)
         return tau.to(self.storage_dtype)
+
+    def _adapter_task_vector(
+        self, index: int, name: str, base: torch.Tensor, span: tuple[int, int] | None
+    ) -> torch.Tensor:
+        """What expert `index`, a PEFT adapter, adds to tensor `name`: made from its factors or
+        vectors in fp32 (not through the dense expert), on `base`'s device and in its dtype."""
+        adapter = self.experts[index].checkpoint
+        assert isinstance(adapter, AdapterCheckpoint)
+        tau = adapter.task_vector(name)
+        if span is not None:
+            tau = tau.reshape(-1)[span[0] : span[1]]
+        self.bytes_read += adapter.adapter_bytes(name)
+        check_finite(tau, adapter, name)
+        self._note_zero(index, name, tau, span)
+        return tau.to(base.device, base.dtype).to(self.storage_dtype)
+
+    def _note_zero(self, index: int, name: str, tau: torch.Tensor, span: tuple[int, int] | None) -> None:
+        """Remember whether expert `index` differs from the base (see warn_identical_experts)."""
+        if self._differs[index]:
+            return
+        if bool(tau.any()):
+            self._differs[index] = True
+        elif span is None or span == (0, self.base.infos[name].numel):
+            self._zero_in_full[index].add(name)
+
+    def _same_bytes(self, expert: Checkpoint, name: str) -> bool:
+        """True when the expert's tensor `name` is the base's own bytes (same file and offset)."""
+        mine, theirs = expert.infos[name], self.base.infos[name]
+        return mine.offset >= 0 and (mine.file, mine.offset) == (theirs.file, theirs.offset)
 
     def warn_identical_experts(self) -> None:
         """Log a warning for each expert identical to the base: every mergeable tensor's task
@@ -231,9 +294,10 @@ def open_source(
     one, a single one when the base has none (then no expert can be checked, whatever it has).
     Names, shapes and dtypes of the tensors are checked in every case.
     """
+    base_checkpoint = Checkpoint(base)
     source = TaskVectorSource(
-        Checkpoint(base),
-        [Expert(name, Checkpoint(path)) for name, path in experts],
+        base_checkpoint,
+        [Expert(name, open_expert(path, base_checkpoint)) for name, path in experts],
         heads,
         input_dtype=input_dtype,
     )

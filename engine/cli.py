@@ -22,6 +22,7 @@ log = logging.getLogger("supermerge")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from supermerge.adapter_output import run_adapter_merge
     from supermerge.config import load_config
     from supermerge.distributed.launch import Launch
     from supermerge.learned_merge import run_learned_merge
@@ -32,6 +33,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         summary = run_learned_merge(cfg, args.overwrite, args.resume, progress=not args.quiet)
     elif args.resume:
         raise SupermergeError(f"--resume applies to learned methods only, not '{cfg.method.name}'")
+    elif cfg.output_format == "lora":
+        summary = run_adapter_merge(cfg, overwrite=args.overwrite)
     else:
         summary = run_merge(cfg, overwrite=args.overwrite, progress=not args.quiet)
     if Launch.from_env().rank == 0:  # one line per job, not per rank

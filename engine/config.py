@@ -72,6 +72,8 @@ from supermerge.schema import YAML_NAMES, parse_block
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DATA_SUFFIXES = (".jsonl", ".pt", ".safetensors")
+OUTPUT_FORMATS = ("model", "lora")  # a merged model; one LoRA adapter (linear merges of LoRA adapters)
+LINEAR_METHODS = ("average", "task_arithmetic")
 MODEL_KINDS = ("hf_encoder", "hf_causal_lm", "torch_module")
 OFFLOAD_TARGETS = ("none", "cpu", "nvme")
 GATHER_MODES = ("body", "layer")
@@ -268,6 +270,8 @@ class MergeConfig:
     source: Path | None = None
     model: ModelSpec = field(default_factory=ModelSpec)
     distributed: DistributedSpec = field(default_factory=DistributedSpec)
+    output_format: str = "model"
+    lora_rank: int | None = None
 
     @property
     def learned(self) -> bool:
@@ -329,6 +333,8 @@ class MergeConfig:
             if self.tokenizer is not None:
                 doc["tokenizer"] = self.tokenizer
         doc |= {"seed": self.seed, "device": self.device, "shard_size": self.shard_size}
+        if self.output_format != "model":
+            doc |= {"output_format": self.output_format, "lora_rank": self.lora_rank}
         if self.learned:
             doc["model"] = _changed(self.model)
             doc["distributed"] = _changed(self.distributed)
@@ -377,8 +383,16 @@ class _TopLevel:
     model: Any = None
     data_dir: Path | None = None
     distributed: Any = None
+    output_format: str = "model"
+    lora_rank: int | None = None
 
     def __post_init__(self) -> None:
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ValueError(
+                f"output_format: expected one of {', '.join(OUTPUT_FORMATS)}, got {self.output_format!r}"
+            )
+        if self.lora_rank is not None and (self.output_format != "lora" or self.lora_rank < 1):
+            raise ValueError("lora_rank: a rank >= 1, with output_format lora")
         if not all(isinstance(h, str) for h in self.heads):
             raise ValueError("heads: expected a list of name patterns")
         for name in ("dtype", "compute_dtype"):
@@ -562,6 +576,12 @@ def config_from_dict(
                 raise ConfigError("tokenizer", f"'{top.tokenizer}' is neither base nor an expert's name")
         if slices and top.heads:
             raise ConfigError("heads", "task heads are not kept with slices (a layer plan)")
+        if top.output_format == "lora" and (method.name not in LINEAR_METHODS or slices or top.compute_dtype):
+            raise ConfigError(
+                "output_format",
+                f"a LoRA output is a linear merge of LoRA adapters: method {' or '.join(LINEAR_METHODS)}, "
+                "without slices or compute_dtype",
+            )
         model = parse_block(ModelSpec, top.model, "model")
         output = _required(output or top.output, "output")
         distributed = parse_block(DistributedSpec, top.distributed, "distributed", root)
@@ -583,6 +603,8 @@ def config_from_dict(
         source=source,
         model=model,
         distributed=distributed,
+        output_format=top.output_format,
+        lora_rank=top.lora_rank,
     )
 
 

@@ -42,7 +42,15 @@ from supermerge.io.output import MergeSummary, output_bytes, write_extras, write
 from supermerge.io.paths import check_apart
 from supermerge.io.writer import ShardedWriter, prepare_output
 from supermerge.methods import REGISTRY
-from supermerge.methods.settings import ExpertInput, Setting, TensorMethods, depth, layer_of, with_layer
+from supermerge.methods.settings import (
+    ExpertInput,
+    Setting,
+    TensorMethods,
+    depth,
+    layer_of,
+    model_depths,
+    with_layer,
+)
 from supermerge.taskvectors.source import Expert, TaskVectorSource, open_source
 
 log = logging.getLogger(__name__)
@@ -114,16 +122,6 @@ class Group:
         ]
 
 
-def _depths(names: list[str]) -> dict[str, float]:
-    """t of every tensor of a whole model: layer i of its stack of n, i / (n - 1); 0 outside."""
-    where = {n: layer_of(n) for n in names}
-    counts: dict[str, int] = {}
-    for spot in where.values():
-        if spot is not None:
-            counts[spot[0]] = max(counts.get(spot[0], 0), spot[1] + 1)
-    return {n: depth(spot[1], counts[spot[0]]) if spot else 0.0 for n, spot in where.items()}
-
-
 def _layers(checkpoint: Checkpoint) -> dict[int, list[str]]:
     """Layer index -> the names of its tensors, in a model with one stack of layers."""
     layers: dict[int, list[str]] = {}
@@ -168,7 +166,7 @@ def plan_groups(cfg: MergeConfig, input_dtype: torch.dtype | None = None) -> lis
     if not cfg.slices:
         source = open_source(cfg.base, [(e.name, e.path) for e in cfg.experts], cfg.heads, input_dtype)
         scopes = [(e.params,) for e in cfg.experts]
-        return [Group(source, _depths(source.base.names), scopes, {})]
+        return [Group(source, model_depths(source.base.names), scopes, {})]
     opened: dict[str, Checkpoint | AdapterCheckpoint] = {}
 
     def checkpoint(model: str) -> Checkpoint:

@@ -29,7 +29,8 @@ How it maps (mergekit 0.1.5's config.py, plan.py and merge_methods/ define the m
   model's parameters that mergekit does not read per model (each with a warning); numbers
   written as strings ("1e-3", which YAML reads as text) are numbers;
 - paths are local folders, relative ones resolved against the current folder (as mergekit
-  does); hub ids that are no folder, `model+lora` and `model@revision` references are refused,
+  does); `base_model+adapter` in `models` is the adapter as an expert (a PEFT folder on the
+  base); hub ids that are no folder, other `model+lora` and `model@revision` references are refused,
   and every field this reader does not know, naming it.
 """
 
@@ -109,15 +110,15 @@ def _only(entry: Any, known: tuple[str, ...], where: str) -> dict:
     return entry
 
 
-def _reference(value: Any, where: str) -> str:
-    """A model reference that names a local folder (checked when the merge opens it)."""
+def _reference(value: Any, where: str, lora: bool = False) -> str:
+    """A model reference that names a local folder (checked when the merge opens it); with `lora`,
+    `model+adapter` is taken as it is (see `_adapter_of`)."""
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(where, f"expected the path of a model folder, got {value!r}")
-    if "+" in value:
+    if "+" in value and not lora:
         raise ConfigError(
             where,
-            f"'{value}': LoRA references (model+lora) are not supported: merge the adapter into its "
-            "model first (peft's merge_and_unload) and name that folder",
+            f"'{value}': LoRA references (model+lora) are taken in `models` only, on the base_model",
         )
     if "@" in value:
         raise ConfigError(
@@ -221,7 +222,7 @@ class _Reader:
             if isinstance(entry, str):
                 entry = {"model": entry}
             entry = _only(entry, ("model", "parameters"), where)
-            ref = _reference(entry.get("model"), f"{where}.model")
+            ref = _reference(entry.get("model"), f"{where}.model", lora=True)
             if ref in refs:
                 raise ConfigError(f"{where}.model", f"'{ref}' is listed twice")
             refs.append(ref)
@@ -234,12 +235,26 @@ class _Reader:
             own, _ = self.per_input(entry.get("parameters"), f"{where}.parameters", single=False)
             name = self.expert(ref, f"{where}.model")
             self.renames[f"experts[{len(experts)}]"] = f"{where}.parameters"
-            experts.append({"name": name, "path": _path(ref), **own})
+            experts.append({"name": name, "path": _path(self._adapter_of(ref, f"{where}.model")), **own})
         if self.base is not None and self.base not in refs and not self.uses_base:
             # mergekit adds the base to the inputs: one more model to merge
             experts.append({"name": self.expert(self.base, "base_model"), "path": _path(self.base)})
         base = self.base if self.base is not None else refs[0]
         return _path(base), experts
+
+    def _adapter_of(self, ref: str, where: str) -> str:
+        """`model+adapter` -> the adapter folder, an expert on the base (supermerge applies an
+        adapter to the base it merges into); any other reference as it is."""
+        if "+" not in ref:
+            return ref
+        model, adapter = ref.rsplit("+", 1)
+        if self.base is None or _path(model) != _path(self.base):
+            raise ConfigError(
+                where,
+                f"'{ref}': a LoRA on a model other than the base_model ({self.base}) is not supported: "
+                "merge it into its model first (peft's merge_and_unload) and name that folder",
+            )
+        return adapter
 
     def slices(self) -> tuple[str, list[dict], list[dict]]:
         """`slices:` -> (base path, experts, native slices)."""

@@ -170,3 +170,175 @@ def test_a_merge_with_a_bad_adapter_exits_2_with_one_line_and_writes_nothing(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "use_dora is set" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_learned_merge_through_factors_equals_the_dense_experts_and_holds_only_factors(
+    base: Path, tmp_path: Path, gen: torch.Generator
+) -> None:
+    """The LoRA expert held as factors (LowRankBody) and the IA3 expert as dense task vectors give
+    the merged body and dLoss/dW of the dense path over their merge_and_unload'ed experts."""
+    from supermerge.config import config_from_dict
+    from supermerge.learned.body import MergedBody
+    from supermerge.learned.coefficients import CoefficientLayout
+    from supermerge.learned.lowrank_body import LowRankBody
+    from supermerge.learned.trainer import CoefficientTrainer
+    from supermerge.learned_merge import load_inputs
+    from supermerge.taskvectors.lowrank_store import LowRankStore
+    from supermerge.taskvectors.store import TaskVectorStore
+    from tests.lm import choice_task, generation_task
+
+    lora_adapter, lora_dense = make_adapter(base, tmp_path / "lora", lora(), seed=11)
+    ia3_adapter, ia3_dense = make_adapter(base, tmp_path / "ia3", ADAPTERS["ia3_with_feedforward"](), seed=12)
+    data = {
+        "l": choice_task(tmp_path / "l.jsonl", 3, n=5),
+        "i": generation_task(tmp_path / "i.jsonl", 4, n=5),
+    }
+
+    def run(experts: dict[str, Path]):
+        doc = {
+            "base": str(base),
+            "experts": [{"name": t, "path": str(p), "data": str(data[t])} for t, p in experts.items()],
+            "method": {"name": "supermerge", "steps": 1, "batch_size": 4, "impl": "torch"},
+            "model": {"kind": "hf_causal_lm", "max_length": 48},
+            "output": str(tmp_path / "merged"),
+        }
+        return load_inputs(config_from_dict(doc, tmp_path), torch.device("cpu"))
+
+    adapters, dense = run({"l": lora_adapter, "i": ia3_adapter}), run({"l": lora_dense, "i": ia3_dense})
+    store = LowRankStore.build(adapters.source)
+    layout = CoefficientLayout.build(store.names)
+    ours, theirs = LowRankBody(store, layout), MergedBody(TaskVectorStore.build(dense.source), layout)
+    w = torch.randn(ours.w.shape, generator=gen)
+    for body, inputs in ((ours, adapters), (theirs, dense)):
+        body.w = torch.nn.Parameter(w.clone())
+        trainer = CoefficientTrainer(
+            body, inputs.model, list(inputs.tasks.values()), inputs.fixed, inputs.params.train_config()
+        )
+        trainer.losses_and_grad()
+    for name, merged in ours.merged_tensors().items():
+        torch.testing.assert_close(merged, theirs.merged_tensors()[name], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.w.grad, theirs.w.grad, rtol=1e-4, atol=1e-6)
+
+    lowrank = {n: t for n, t in zip(store.names, store.tensors, strict=True) if t.lowrank}
+    assert set(lowrank) == {n for n, d in AdapterCheckpoint(lora_adapter, Checkpoint(base)).deltas.items()}
+    for name, part in lowrank.items():
+        m, n = ours.split(store.base_flat)[name].shape
+        assert part.lowrank == [0] and part.b.numel() + part.a.numel() == part.b.shape[1] * (m + n)
+        assert 0 not in part.dense  # the LoRA expert has no dense task vector anywhere
+
+
+def test_a_learned_merge_of_adapters_runs_end_to_end_with_distillation(base: Path, tmp_path: Path) -> None:
+    from supermerge.config import config_from_dict
+    from supermerge.learned_merge import run_learned_merge
+    from tests.lm import choice_task
+
+    adapter, _ = make_adapter(base, tmp_path / "lora", lora(), seed=13)
+    adapter_b, _ = make_adapter(base, tmp_path / "lora_b", lora(use_rslora=True), seed=14)
+    data = {t: choice_task(tmp_path / f"{t}.jsonl", s, n=4) for t, s in (("a", 5), ("b", 6))}
+    doc = {
+        "base": str(base),
+        "experts": [
+            {"name": t, "path": str(p), "data": str(data[t])} for t, p in (("a", adapter), ("b", adapter_b))
+        ],
+        "method": {"name": "supermerge", "steps": 2, "batch_size": 4, "objective": "distill"},
+        "model": {"kind": "hf_causal_lm", "max_length": 48},
+        "output": str(tmp_path / "merged"),
+    }
+    run_learned_merge(config_from_dict(doc, tmp_path), progress=False)
+    assert Checkpoint(tmp_path / "merged").names == Checkpoint(base).names
+
+
+def test_a_mergekit_config_takes_base_plus_adapter_references(base: Path, tmp_path: Path) -> None:
+    """mergekit's `model+lora` on the base_model: the adapter is an expert, as its dense merge is."""
+    adapter, dense = make_adapter(base, tmp_path / "lora", lora(), seed=15)
+    other = tiny_lm(tmp_path / "other", seed=16)
+
+    def merge(reference: str, out: str) -> Checkpoint:
+        config = {
+            "merge_method": "ties",
+            "base_model": str(base),
+            "models": [
+                {"model": str(other), "parameters": {"weight": 0.5, "density": 0.5}},
+                {"model": reference, "parameters": {"weight": 1.0, "density": 0.7}},
+            ],
+            "dtype": "float32",
+        }
+        (tmp_path / f"{out}.yaml").write_text(yaml.safe_dump(config))
+        assert run_cli("merge", str(tmp_path / f"{out}.yaml"), str(tmp_path / out)) == 0
+        return Checkpoint(tmp_path / out)
+
+    ours, theirs = merge(f"{base}+{adapter}", "from_adapter"), merge(str(dense), "from_dense")
+    for name in theirs.names:
+        a, b = ours.read(name).float(), theirs.read(name).float()
+        assert (a - b).abs().max().item() <= 1e-5 * max(b.abs().max().item(), 1.0), name
+
+
+@pytest.mark.parametrize(
+    ("method", "rank"), [("task_arithmetic", None), ("average", None), ("task_arithmetic", 3)]
+)
+def test_a_linear_merge_of_lora_adapters_written_as_one_lora_that_peft_loads(
+    base: Path, tmp_path: Path, method: str, rank: int | None
+) -> None:
+    """output_format lora: the merged adapter, loaded by PEFT onto the base and merged, gives the
+    dense merge of the same adapters (exactly at full rank; within the reported SVD error)."""
+    from transformers import AutoModelForCausalLM
+
+    adapters = [
+        make_adapter(base, tmp_path / "a", lora(), seed=21)[0],
+        make_adapter(
+            base, tmp_path / "b", lora(use_rslora=True, target_modules=["q_proj", "up_proj"]), seed=22
+        )[0],
+    ]
+    params = {"name": method} | ({"lambda": 0.8} if method == "task_arithmetic" else {})
+
+    def merge(out: str, **extra) -> None:
+        doc = {
+            "base": str(base),
+            "experts": [
+                {"name": p.name, "path": str(p), "weight": w}
+                for p, w in zip(adapters, (1.0, 0.6), strict=True)
+            ],
+            "method": params,
+            "output": str(tmp_path / out),
+            **extra,
+        }
+        (tmp_path / f"{out}.yaml").write_text(yaml.safe_dump(doc))
+        assert run_cli("merge", str(tmp_path / f"{out}.yaml")) == 0
+
+    merge("dense")
+    merge("adapter", output_format="lora", **({"lora_rank": rank} if rank else {}))
+    record = json.loads((tmp_path / "adapter" / "supermerge_merge.json").read_text())
+    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter")
+    merged = dict(loaded.merge_and_unload().named_parameters())
+    dense = Checkpoint(tmp_path / "dense")
+    base_ckpt = Checkpoint(base)
+    for name in dense.names:
+        want, got = dense.read(name).float(), merged[name].detach().float()
+        if rank is None:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        else:  # the truncation error, relative to the update, bounds the difference
+            update = (want - base_ckpt.read(name).float()).norm()
+            assert (got - want).norm() <= record["max_relative_error"] * update * (1 + 1e-4) + 1e-6, name
+    if rank is not None:
+        assert 0 < record["max_relative_error"] < 1
+
+
+def test_a_lora_output_of_a_non_linear_method_or_an_ia3_expert_is_refused(
+    base: Path, tmp_path: Path, capsys
+) -> None:
+    ia3, _ = make_adapter(base, tmp_path / "ia3", ADAPTERS["ia3_with_feedforward"](), seed=23)
+    doc = {
+        "base": str(base),
+        "experts": [{"name": "i", "path": str(ia3)}],
+        "method": {"name": "task_arithmetic"},
+        "output": str(tmp_path / "out"),
+        "output_format": "lora",
+    }
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(doc))
+    capsys.readouterr()
+    assert run_cli("merge", str(tmp_path / "m.yaml")) == 2
+    assert "every expert to be a LoRA adapter" in capsys.readouterr().err
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(doc | {"method": {"name": "ties", "density": 0.5}}))
+    assert run_cli("merge", str(tmp_path / "m.yaml")) == 2
+    assert "field 'output_format'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

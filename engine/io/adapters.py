@@ -287,6 +287,21 @@ class AdapterCheckpoint(TensorSet):
                     tau += base * (scale - 1)
         return tau
 
+    def lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(B [m, r], A [r, n], s) with tau(name) = s B A, as stored, when the adapter's whole
+        update of base tensor `name` is one LoRA product; None otherwise."""
+        deltas = self.deltas.get(name, ())
+        lora = [d for d in deltas if d.kind in ("lora", "lora_embedding")]
+        # PEFT saves a targeted embedding layer whole as well: as the base has it, it adds nothing
+        same = [d for d in deltas if d.kind == "whole" and self._as_in_base(d.tensors[0], name)]
+        if len(lora) != 1 or len(lora) + len(same) != len(deltas):
+            return None
+        b, a = (self.weights.read(t) for t in lora[0].tensors)
+        return (a.t(), b.t(), lora[0].scale) if lora[0].transpose else (b, a, lora[0].scale)
+
+    def _as_in_base(self, saved: str, name: str) -> bool:
+        return torch.equal(self.weights.read(saved), self.base.read(name).to(self.weights.infos[saved].dtype))
+
     def adapter_bytes(self, name: str) -> int:
         """Bytes of the adapter's own tensors that make tensor `name`'s task vector."""
         return sum(self.weights.infos[t].nbytes for d in self.deltas.get(name, ()) for t in d.tensors)

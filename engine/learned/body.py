@@ -140,15 +140,41 @@ class Body(nn.Module, ABC):
         return torch.tanh(self.w.detach()).float().cpu()
 
 
-class MergedBody(Body):
+class WholeBody(Body):
+    """A one-process body whose `forward` merges the whole body [N] and whose `backward` takes its
+    gradient (FullBody): one training pass is `full_body_pass`."""
+
+    lockstep = False  # one process: nothing to keep in step
+    store: TaskVectorStore | StoreView
+
+    @abstractmethod
+    def forward(self) -> torch.Tensor:
+        """[N] merged weights, detached; `backward` then sends their gradient to W."""
+
+    @abstractmethod
+    def backward(self, grad: torch.Tensor) -> None:
+        """Accumulate dLoss/dW into w.grad from dLoss/dmerged [N] of the last `forward`."""
+
+    def training_pass(self, module: nn.Module) -> AbstractContextManager[dict[str, torch.Tensor]]:
+        return full_body_pass(self)
+
+    @contextmanager
+    def inference_pass(self, module: nn.Module) -> Iterator[Mapping[str, torch.Tensor]]:
+        yield self.merged_tensors()
+
+    @property
+    def tracked_bytes(self) -> int:
+        """Bytes of the store, the merged body and its gradient."""
+        return self.store.nbytes + 2 * nbytes(self.store.base_flat)
+
+
+class MergedBody(WholeBody):
     """The one-process body: coefficients over a whole task-vector store.
 
     Args:
         store: base and task vectors in flat buffers.
         layout, init, impl: as for Body.
     """
-
-    lockstep = False  # one process: nothing to keep in step
 
     def __init__(
         self, store: TaskVectorStore, layout: CoefficientLayout, init: float = 0.3, impl: str = "auto"
@@ -171,18 +197,6 @@ class MergedBody(Body):
         """Accumulate dLoss/dW into w.grad from dLoss/dmerged [N] of the last `forward`."""
         self._merged.backward(grad)
         self._merged = None
-
-    def training_pass(self, module: nn.Module) -> AbstractContextManager[dict[str, torch.Tensor]]:
-        return full_body_pass(self)
-
-    @contextmanager
-    def inference_pass(self, module: nn.Module) -> Iterator[Mapping[str, torch.Tensor]]:
-        yield self.merged_tensors()
-
-    @property
-    def tracked_bytes(self) -> int:
-        """Bytes of the store, the merged body and its gradient."""
-        return self.store.nbytes + 2 * nbytes(self.store.base_flat)
 
     @torch.no_grad()
     def merged_tensors(self) -> dict[str, torch.Tensor]:

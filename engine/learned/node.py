@@ -26,16 +26,19 @@ from supermerge.distributed.plan import ShardPlan
 from supermerge.distributed.stores.nvme import NvmeShardStore
 from supermerge.distributed.stores.resident import ShardStore
 from supermerge.distributed.stores.zero import ZeroShardStore
+from supermerge.io.adapters import AdapterCheckpoint
 from supermerge.io.checkpoint import Checkpoint, Tensors
 from supermerge.io.memory import peak_rss_bytes
 from supermerge.io.output import output_bytes, write_tensors
 from supermerge.io.writer import ShardedWriter
 from supermerge.learned.body import Body, MergedBody
 from supermerge.learned.coefficients import CoefficientLayout
+from supermerge.learned.lowrank_body import LowRankBody
 from supermerge.learned.task_models import TaskModel
 from supermerge.learned.trainer import CoefficientTrainer, Task
 from supermerge.learned.tree import TreeNode
 from supermerge.methods.learned import STORAGE_DTYPES, SuperMergeParams
+from supermerge.taskvectors.lowrank_store import LowRankStore
 from supermerge.taskvectors.source import Expert, TaskVectorSource
 from supermerge.taskvectors.store import TaskVectorStore
 
@@ -151,11 +154,17 @@ def build_body(
     task_groups: int,
     progress: bool,
 ) -> Body:
-    """One process: the whole store; several ranks (or offload): this rank's shard of the plan,
-    with `task_groups` task groups."""
+    """One process: the whole store (LoRA adapters kept as their factors); several ranks (or
+    offload): this rank's shard of the plan, with `task_groups` task groups (adapters as dense
+    task vectors)."""
     spec, dtype, device = inputs.cfg.distributed, inputs.storage_dtype, inputs.device
     impl = inputs.params.impl
     if comm.size == 1 and spec.offload == "none" and spec.gather == "body":
+        if any(
+            isinstance(e.checkpoint, AdapterCheckpoint) and e.checkpoint.kind == "lora"
+            for e in source.experts
+        ):
+            return LowRankBody(LowRankStore.build(source, dtype, device, progress), layout, init, impl)
         return MergedBody(TaskVectorStore.build(source, dtype, device, progress), layout, init, impl)
     tasks = [e.name for e in source.experts]
     plan = shard_plan(source, tasks, comm.size, task_groups, dtype, layout.groups, spec, inputs.model.module)

@@ -1,0 +1,136 @@
+"""Task vectors kept as their LoRA factors where an expert is a LoRA adapter.
+
+Per mergeable tensor j [m, n]: the base, then the k experts sorted by what they add there:
+- low-rank: a LoRA adapter whose whole update of j is s_i B_i A_i; the factors of all of them
+  side by side, B [m, R] and A [R, n] (R = sum r_i), in the storage dtype: R (m + n) values;
+- dense: any other nonzero update (a dense expert, IA3, a tensor an adapter saves whole), as a
+  task vector [m, n] in the storage dtype;
+- nothing: an adapter that does not touch j costs nothing.
+So an all-LoRA merge holds the base and k r (m + n) values per tensor, not k m n.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from supermerge.io.adapters import AdapterCheckpoint
+from supermerge.io.memory import nbytes
+from supermerge.taskvectors.source import TaskVectorSource
+from supermerge.taskvectors.store import split_flat
+
+
+@dataclass
+class LowRankTensor:
+    """What the experts add to one tensor (see the module docstring).
+
+    Attributes:
+        lowrank: indices of the experts held as factors.
+        b: [m, R] their B factors side by side (empty when none).
+        a: [R, n] their A factors stacked.
+        scales: [len(lowrank)] float32, each expert's LoRA scale s_i.
+        rank_offsets: [len(lowrank) + 1] int64, expert lowrank[i]'s ranks [o_i, o_i+1).
+        dense: indices of the experts held as dense task vectors.
+        taus: [len(dense), m, n] their task vectors.
+    """
+
+    lowrank: list[int]
+    b: torch.Tensor
+    a: torch.Tensor
+    scales: torch.Tensor
+    rank_offsets: torch.Tensor
+    dense: list[int]
+    taus: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.b, self.a, self.taus)
+
+
+@dataclass
+class LowRankStore:
+    """The base as one flat buffer and each tensor's LowRankTensor.
+
+    Attributes:
+        names, shapes: the T merged tensors, in buffer order.
+        base_flat: [N] base weights.
+        tensors: one LowRankTensor per name.
+        k: number of experts.
+    """
+
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    base_flat: torch.Tensor
+    tensors: list[LowRankTensor]
+    k: int
+
+    @classmethod
+    def build(
+        cls,
+        source: TaskVectorSource,
+        storage_dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        progress: bool = False,
+    ) -> LowRankStore:
+        """Read the base and each expert's update of every mergeable tensor of `source`."""
+        names = source.names
+        shapes = [source.base.infos[n].shape for n in names]
+        base_flat = torch.empty(sum(math.prod(s) for s in shapes), dtype=source.merged_dtype, device=device)
+        tensors, start = [], 0
+        for name in tqdm(names, desc="task vectors", unit="tensor", disable=not progress):
+            base = source.read_base(name)
+            base_flat[start : start + base.numel()] = base.reshape(-1)
+            start += base.numel()
+            tensors.append(_tensor_updates(source, name, base, storage_dtype, device))
+        return cls(names, shapes, base_flat, tensors, source.k)
+
+    @property
+    def task_vector_bytes(self) -> int:
+        """Bytes of factors and dense task vectors held."""
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return self.task_vector_bytes + nbytes(self.base_flat)
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of a flat [N] buffer as the named tensors, in their shapes."""
+        return split_flat(flat, self.names, self.shapes)
+
+
+def _tensor_updates(
+    source: TaskVectorSource, name: str, base: torch.Tensor, dtype: torch.dtype, device: str | torch.device
+) -> LowRankTensor:
+    """The experts' updates of tensor `name`, sorted into factors and dense task vectors."""
+    lowrank, bs, as_, scales, dense, taus = [], [], [], [], [], []
+    for i, expert in enumerate(source.experts):
+        adapter = expert.checkpoint if isinstance(expert.checkpoint, AdapterCheckpoint) else None
+        if adapter is not None and name not in adapter.deltas:
+            continue  # the adapter leaves this tensor as the base has it
+        factors = adapter.lora_factors(name) if adapter is not None and base.dim() == 2 else None
+        if factors is not None:
+            b, a, scale = factors
+            lowrank.append(i)
+            bs.append(b.to(device, dtype))
+            as_.append(a.to(device, dtype))
+            scales.append(scale)
+            source.bytes_read += adapter.adapter_bytes(name)
+            continue
+        tau = source.task_vector(name, base, i)
+        if bool(tau.any()):
+            dense.append(i)
+            taus.append(tau.to(device, dtype))
+    m, n = (base.shape[0], base.numel() // base.shape[0]) if base.dim() else (1, 1)
+    ranks = [b.shape[1] for b in bs]
+    return LowRankTensor(
+        lowrank=lowrank,
+        b=torch.cat(bs, dim=1) if bs else torch.empty(m, 0, dtype=dtype, device=device),
+        a=torch.cat(as_, dim=0) if as_ else torch.empty(0, n, dtype=dtype, device=device),
+        scales=torch.tensor(scales, dtype=torch.float32, device=device),
+        rank_offsets=torch.tensor([0, *ranks], dtype=torch.int64, device=device).cumsum(0),
+        dense=dense,
+        taus=torch.stack(taus) if taus else torch.empty(0, *base.shape, dtype=dtype, device=device),
+    )

@@ -38,7 +38,7 @@ from supermerge.errors import InputError
 from supermerge.io.adapters import AdapterCheckpoint, open_expert
 from supermerge.io.checkpoint import Checkpoint, TensorInfo, TensorSet
 from supermerge.io.memory import Scratch, TensorBytes, cuda_peak_bytes, nbytes, peak_rss_bytes
-from supermerge.io.output import MergeSummary, output_bytes, write_extras, write_tensors
+from supermerge.io.output import MergeSummary, output_bytes, output_layout, write_extras, write_tensors
 from supermerge.io.paths import check_apart
 from supermerge.io.writer import ShardedWriter, prepare_output
 from supermerge.methods import REGISTRY
@@ -287,7 +287,8 @@ def run_merge(cfg: MergeConfig, overwrite: bool = False, progress: bool = True) 
     experts = len(cfg.experts)
     log.info("merging %d experts into %s with %s", experts, cfg.output, cfg.method.name)
     expected = sum(output_bytes(g.source, cfg.dtype) for g in groups)
-    with ShardedWriter(cfg.output, cfg.shard_size, overwrite, expected) as writer:
+    layout = [planned for g in groups for planned in output_layout(g.source, cfg.dtype)]
+    with ShardedWriter(cfg.output, cfg.shard_size, overwrite, expected, layout) as writer:
         for group in groups:
             write_tensors(writer, group.source, merger(group), cfg.dtype, progress)
             if not any(e.path == cfg.base for e in cfg.experts):  # else the base only carries the tensors

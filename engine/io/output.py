@@ -6,6 +6,7 @@ complete config that makes the output again (supermerge_config.yaml) and a model
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from supermerge import __version__
 from supermerge.io.checkpoint import Checkpoint
 from supermerge.io.memory import human_bytes
-from supermerge.io.writer import ShardedWriter
+from supermerge.io.writer import Planned, ShardedWriter
 from supermerge.taskvectors.source import TaskVectorSource
 
 CONFIG_NAME = "supermerge_config.yaml"
@@ -61,14 +62,19 @@ class MergeSummary:
         )
 
 
-def output_bytes(source: TaskVectorSource, dtype: torch.dtype | None) -> int:
-    """Bytes of the tensors `write_tensors` writes: every base tensor, the merged ones in `dtype`
-    (None: the base's)."""
+def output_layout(source: TaskVectorSource, dtype: torch.dtype | None) -> list[Planned]:
+    """The tensors `write_tensors` writes, in order: every base tensor, the merged ones in
+    `dtype` (None: the base's), as (name, shape, dtype)."""
     mergeable = set(source.names)
-    return sum(
-        info.numel * (dtype if dtype is not None and name in mergeable else info.dtype).itemsize
+    return [
+        (name, info.shape, dtype if dtype is not None and name in mergeable else info.dtype)
         for name, info in source.base.infos.items()
-    )
+    ]
+
+
+def output_bytes(source: TaskVectorSource, dtype: torch.dtype | None) -> int:
+    """Bytes of the tensors `write_tensors` writes."""
+    return sum(math.prod(shape) * kind.itemsize for _, shape, kind in output_layout(source, dtype))
 
 
 def write_tensors(

@@ -1,7 +1,11 @@
 """Write a merged model as sharded safetensors with an index, atomically.
 
 Tensors are added one at a time and flushed to a shard file whenever the shard reaches
-`max_shard_bytes`, so at most one shard of output is held in memory. Everything is written to
+`max_shard_bytes`, so at most one shard of output is held in memory. When the caller knows the
+output's tensors in advance (`layout`: names, shapes, dtypes, in the order they will come), the
+shards are planned up front, each file's header is written first, and every tensor is written
+to its place as it comes, by a background thread while the next tensor is computed: then at most
+one tensor of output is held in memory, and writing overlaps the merge. Everything is written to
 a temporary folder beside the output and renamed into place by `commit()`; on failure the
 temporary folder is removed and nothing appears at the output path. The writer holds the output's
 lock (io/lock.py) from construction to commit, refuses non-finite tensors, and reports a full
@@ -11,22 +15,29 @@ disk as one line.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import torch
 from safetensors.torch import save_file
 
 from supermerge.errors import SupermergeError
 from supermerge.io.atomic import TempFolder, disk_full_error, raise_if_disk_full
-from supermerge.io.checkpoint import Tensors
+from supermerge.io.checkpoint import SAFETENSORS_DTYPES, Tensors
 from supermerge.io.finite import non_finite
 from supermerge.io.memory import nbytes
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+# one output tensor as the writer expects it: (name, shape, dtype)
+Planned = tuple[str, tuple[int, ...], torch.dtype]
 
 
 def prepare_output(out_dir: Path, overwrite: bool) -> None:
@@ -50,6 +61,9 @@ class ShardedWriter:
         overwrite: replace an existing `out_dir` at commit time.
         expected_bytes: size of the output if the caller knows it (bytes of the tensors to be
             written); refused at once when the output's file system has less free space.
+        layout: every tensor to be added, in order, if the caller knows them: streamed shards
+            (see the module docstring); `add` then refuses a tensor out of order or of another
+            shape or dtype, and `commit` one that never came.
 
     Raises:
         SupermergeError: at construction: the output exists (without `overwrite`), another run
@@ -57,7 +71,12 @@ class ShardedWriter:
     """
 
     def __init__(
-        self, out_dir: Path, max_shard_bytes: int, overwrite: bool = False, expected_bytes: int | None = None
+        self,
+        out_dir: Path,
+        max_shard_bytes: int,
+        overwrite: bool = False,
+        expected_bytes: int | None = None,
+        layout: Sequence[Planned] | None = None,
     ) -> None:
         prepare_output(out_dir, overwrite)
         self.out_dir = out_dir
@@ -75,6 +94,9 @@ class ShardedWriter:
         self.tensor_bytes = 0
         self.extra_bytes = 0
         self._committed = False
+        self._stream = (
+            _Stream(self.tmp_dir, _plan_shards(layout, max_shard_bytes)) if layout is not None else None
+        )
 
     def __enter__(self) -> ShardedWriter:
         return self
@@ -87,6 +109,9 @@ class ShardedWriter:
     ) -> None:
         if self._committed:
             return
+        if self._stream is not None:
+            error = self._stream.close()  # always: the thread stops, the open shard closes
+            exc = exc or error
         if exc is not None:
             known = self.expected_bytes is not None
             needed = self.expected_bytes if known else self.bytes_written
@@ -100,8 +125,9 @@ class ShardedWriter:
 
     @property
     def pending_bytes(self) -> int:
-        """Bytes of output held in memory, waiting for the current shard to fill."""
-        return self._pending_bytes
+        """Bytes of output held in memory, waiting for the current shard to fill (streamed: the
+        tensor being written)."""
+        return self._stream.in_flight if self._stream is not None else self._pending_bytes
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Queue one tensor (copied to contiguous CPU memory) for the current shard.
@@ -116,6 +142,10 @@ class ShardedWriter:
             hint = _non_finite_hint(tensor.dtype)
             raise SupermergeError(f"{where}: merged values are not finite ({bad}); {hint}")
         tensor = tensor.to("cpu").contiguous()
+        if self._stream is not None:
+            self._stream.add(name, tensor)
+            self.tensor_bytes += nbytes(tensor)
+            return
         self._pending[name] = tensor
         self._pending_bytes += nbytes(tensor)
         if self._pending_bytes >= self.max_shard_bytes:
@@ -146,6 +176,11 @@ class ShardedWriter:
 
     def commit(self) -> Path:
         """Flush, name the shards, write the index and move the folder into place."""
+        if self._stream is not None:
+            error = self._stream.close()
+            if error is not None:
+                raise error
+            self._shards = self._stream.finished()
         self._flush()
         total = len(self._shards)
         if total == 1:
@@ -169,3 +204,95 @@ def _non_finite_hint(dtype: torch.dtype) -> str:
         return "check the method's coefficients"
     name = str(dtype).removeprefix("torch.")
     return f"{name} holds at most {torch.finfo(dtype).max:g}: choose dtype float32 or smaller coefficients"
+
+
+def _plan_shards(layout: Sequence[Planned], max_shard_bytes: int) -> list[list[Planned]]:
+    """The tensors of each shard: filled in order until one holds at least `max_shard_bytes`
+    (the rule `add` follows without a layout)."""
+    shards: list[list[Planned]] = [[]]
+    size = 0
+    for planned in layout:
+        shards[-1].append(planned)
+        size += math.prod(planned[1]) * planned[2].itemsize
+        if size >= max_shard_bytes:
+            shards.append([])
+            size = 0
+    return [shard for shard in shards if shard]
+
+
+def safetensors_header(shard: Sequence[Planned]) -> bytes:
+    """The 8-byte length and the JSON header of a safetensors file holding `shard`'s tensors
+    back to back in order, padded with spaces to a multiple of 8 bytes (as safetensors pads)."""
+    doc: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in shard:
+        end = offset + math.prod(shape) * dtype.itemsize
+        doc[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(doc, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+class _Stream:
+    """Planned shards written tensor by tensor by one background thread (see ShardedWriter)."""
+
+    def __init__(self, folder: Path, shards: list[list[Planned]]) -> None:
+        self.folder, self.shards = folder, shards
+        self.order = [(s, planned) for s, shard in enumerate(shards) for planned in shard]
+        self.next = 0
+        self.in_flight = 0
+        self._file: BinaryIO | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._write: Future[None] | None = None
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self.next >= len(self.order):
+            raise ValueError(f"tensor '{name}' is not in the output's layout (all {self.next} came)")
+        shard, (want, shape, dtype) = self.order[self.next]
+        if (name, tuple(tensor.shape), tensor.dtype) != (want, tuple(shape), dtype):
+            raise ValueError(
+                f"tensor '{name}' {list(tensor.shape)} {tensor.dtype} came where the layout has "
+                f"'{want}' {list(shape)} {dtype}"
+            )
+        self._wait()  # one tensor in flight: the memory bound
+        first = self.next == 0 or self.order[self.next - 1][0] != shard
+        last = self.next + 1 == len(self.order) or self.order[self.next + 1][0] != shard
+        self.next += 1
+        self.in_flight = nbytes(tensor)
+        self._write = self._pool.submit(self._write_tensor, shard, tensor, first, last)
+
+    def _write_tensor(self, shard: int, tensor: torch.Tensor, first: bool, last: bool) -> None:
+        if first:
+            self._file = open(self.folder / f"shard-{shard:05d}.tmp", "wb")  # noqa: SIM115 (closed at `last`)
+            self._file.write(safetensors_header(self.shards[shard]))
+        assert self._file is not None
+        self._file.write(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+        if last:
+            self._file.close()
+            self._file = None
+
+    def _wait(self) -> None:
+        if self._write is not None:
+            self._write.result()
+            self._write = None
+        self.in_flight = 0
+
+    def close(self) -> BaseException | None:
+        """Wait for the last write and stop the thread; the write's error, if it failed."""
+        try:
+            self._wait()
+            return None
+        except BaseException as e:  # reported by the caller, with the disk-full check
+            return e
+        finally:
+            if self._file is not None:
+                self._file.close()
+            self._pool.shutdown()
+
+    def finished(self) -> list[list[str]]:
+        """The names of each shard, once every planned tensor came."""
+        if self.next != len(self.order):
+            name = self.order[self.next][1][0]
+            raise ValueError(f"the output's tensor '{name}' never came ({self.next} of {len(self.order)})")
+        return [[planned[0] for planned in shard] for shard in self.shards]

@@ -73,6 +73,10 @@ def lowrank_store(shapes: dict[str, tuple[int, ...]], k: int, rank: int, seed: i
                 a=torch.randn(k * r, n, generator=gen) * 0.01,
                 scales=torch.full((k if targeted else 0,), 2.0),
                 rank_offsets=torch.arange(0, (k if targeted else 0) + 1, dtype=torch.int64) * r,
+                rows=[],
+                row_vectors=torch.empty(0, m),
+                cols=[],
+                col_vectors=torch.empty(0, n),
                 dense=[],
                 taus=torch.empty(0, *shape),
             )

@@ -172,11 +172,11 @@ def test_a_merge_with_a_bad_adapter_exits_2_with_one_line_and_writes_nothing(
     assert not (tmp_path / "out").exists()
 
 
-def test_learned_merge_through_factors_equals_the_dense_experts_and_holds_only_factors(
+def test_learned_merge_through_factors_and_vectors_equals_the_dense_experts_and_holds_no_dense_tau(
     base: Path, tmp_path: Path, gen: torch.Generator
 ) -> None:
-    """The LoRA expert held as factors (LowRankBody) and the IA3 expert as dense task vectors give
-    the merged body and dLoss/dW of the dense path over their merge_and_unload'ed experts."""
+    """The LoRA expert held as factors and the IA3 expert as its vectors (LowRankBody) give the
+    merged body and dLoss/dW of the dense path over their merge_and_unload'ed experts."""
     from supermerge.config import config_from_dict
     from supermerge.learned.body import MergedBody
     from supermerge.learned.coefficients import CoefficientLayout
@@ -219,12 +219,19 @@ def test_learned_merge_through_factors_equals_the_dense_experts_and_holds_only_f
         torch.testing.assert_close(merged, theirs.merged_tensors()[name], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours.w.grad, theirs.w.grad, rtol=1e-4, atol=1e-6)
 
-    lowrank = {n: t for n, t in zip(store.names, store.tensors, strict=True) if t.lowrank}
-    assert set(lowrank) == {n for n, d in AdapterCheckpoint(lora_adapter, Checkpoint(base)).deltas.items()}
-    for name, part in lowrank.items():
+    parts = dict(zip(store.names, store.tensors, strict=True))
+    lora_targets = set(AdapterCheckpoint(lora_adapter, Checkpoint(base)).deltas)
+    ia3_targets = AdapterCheckpoint(ia3_adapter, Checkpoint(base)).deltas
+    assert {n for n, p in parts.items() if p.lowrank} == lora_targets
+    assert all(not p.dense for p in parts.values())  # neither expert is held dense anywhere
+    for name in lora_targets:
         m, n = ours.split(store.base_flat)[name].shape
-        assert part.lowrank == [0] and part.b.numel() + part.a.numel() == part.b.shape[1] * (m + n)
-        assert 0 not in part.dense  # the LoRA expert has no dense task vector anywhere
+        assert parts[name].b.numel() + parts[name].a.numel() == parts[name].b.shape[1] * (m + n)
+    for name, (delta,) in ia3_targets.items():  # one vector per IA3 target: rows, or columns (feedforward)
+        m, n = ours.split(store.base_flat)[name].shape
+        part = parts[name]
+        assert (part.cols, part.col_vectors.shape) == (([1], (1, n)) if delta.feedforward else ([], (0, n)))
+        assert (part.rows, part.row_vectors.shape) == (([], (0, m)) if delta.feedforward else ([1], (1, m)))
 
 
 def test_a_learned_merge_of_adapters_runs_end_to_end_with_distillation(base: Path, tmp_path: Path) -> None:

@@ -299,6 +299,16 @@ class AdapterCheckpoint(TensorSet):
         b, a = (self.weights.read(t) for t in lora[0].tensors)
         return (a.t(), b.t(), lora[0].scale) if lora[0].transpose else (b, a, lora[0].scale)
 
+    def ia3_scaling(self, name: str) -> tuple[torch.Tensor, int] | None:
+        """(l - 1, axis) with tau(name) = W0 * (l - 1) broadcast along `axis` of the [m, n] view of
+        base tensor `name` (0: one factor per row, 1: per column), when the adapter's whole update
+        of it is one IA3 scaling; None otherwise."""
+        deltas = self.deltas.get(name, ())
+        if len(deltas) != 1 or deltas[0].kind not in ("ia3", "ia3_bias"):
+            return None
+        vector = self.weights.read(deltas[0].tensors[0]).float().reshape(-1) - 1
+        return vector, 1 if deltas[0].feedforward else 0
+
     def _as_in_base(self, saved: str, name: str) -> bool:
         return torch.equal(self.weights.read(saved), self.base.read(name).to(self.weights.infos[saved].dtype))
 

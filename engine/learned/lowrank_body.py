@@ -1,9 +1,12 @@
 """The merged body over a LowRankStore: LoRA experts merged and differentiated through their
-factors (supermerge.kernels.lowrank), the other experts through dense task vectors.
+factors (supermerge.kernels.lowrank), IA3 experts through their vectors, the others through
+dense task vectors.
 
-Per tensor j and c_i = tanh(w(i, g(j))):
+Per tensor j (as [m, n]) and c_i = tanh(w(i, g(j))):
     merged(j) = base(j) + sum_dense c_i tau_i(j) + sum_lowrank c_i s_i B_i A_i
-    dL/dw(i, g(j)) += sech^2(w(i, g(j))) <G(j), tau_i(j)>   with <G, s_i B_i A_i> from the factors
+                + base(j) * (sum_rows c_i v_i)[:, None] + base(j) * (sum_cols c_i v_i)[None, :]
+    dL/dw(i, g(j)) += sech^2(w(i, g(j))) <G(j), tau_i(j)>, where
+        <G, s_i B_i A_i> comes from the factors, <G, W0 v_i[:, None]> = v_i . rowsum(G * W0)
 One process, one device; the merged body [N] and its gradient are dense (the task model's
 forward needs them), the task vectors are not.
 """
@@ -59,6 +62,10 @@ class LowRankBody(WholeBody):
                 merged.add_(tau.reshape(merged.shape), alpha=float(c[i]))
             if part.lowrank:
                 lowrank_merge_(merged, part.b, part.a, c[part.lowrank] * part.scales, part.rank_offsets)
+            if part.rows:
+                merged.addcmul_(base[t], (c[part.rows] @ part.row_vectors.float())[:, None])
+            if part.cols:
+                merged.addcmul_(base[t], (c[part.cols] @ part.col_vectors.float())[None, :])
             if merged is not view:
                 view.copy_(merged)
         return out
@@ -66,6 +73,7 @@ class LowRankBody(WholeBody):
     def backward(self, grad: torch.Tensor) -> None:
         """Accumulate dLoss/dW into w.grad from dLoss/dmerged [N] of the last `forward`."""
         d_coefficients = torch.zeros(self.store.k, len(self.store.names), device=grad.device)
+        base = dict(self._per_tensor(self.store.base_flat))
         for t, g in self._per_tensor(grad):
             part, g = self.store.tensors[t], g.float()
             for i, tau in zip(part.dense, part.taus, strict=True):
@@ -73,6 +81,12 @@ class LowRankBody(WholeBody):
             if part.lowrank:
                 d = lowrank_coefficient_grad(g, part.b, part.a, part.rank_offsets) * part.scales
                 d_coefficients[part.lowrank, t] += d
+            if part.rows or part.cols:
+                weighted = g * base[t].float()
+                if part.rows:
+                    d_coefficients[part.rows, t] += part.row_vectors.float() @ weighted.sum(dim=1)
+                if part.cols:
+                    d_coefficients[part.cols, t] += part.col_vectors.float() @ weighted.sum(dim=0)
         w_t = self.layout.expand(self.w)  # [k, T], differentiable: shared columns sum
         sech2 = torch.cosh(w_t.detach()).pow(-2)  # from w: 1 - tanh^2 cancels when saturated
         w_t.backward(d_coefficients * sech2)

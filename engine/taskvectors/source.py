@@ -212,12 +212,10 @@ class TaskVectorSource:
         in_scratch = in_scratch and base.device.type == "cpu" and base.dtype == torch.float32
         same = self._same_bytes(expert, name)  # e.g. mergekit's linear without a base: model 1 is it
         slot = f"task vector {index}"
-        if same:
-            tau = (
-                torch.zeros_like(base)
-                if not in_scratch
-                else self.scratch.take(slot, base.shape, base.dtype).zero_()
-            )
+        if same and in_scratch:
+            tau = self.scratch.take(slot, base.shape, base.dtype).zero_()
+        elif same:
+            tau = torch.zeros_like(base)
         elif in_scratch:
             tau = self._read_fp32(expert, name, slot).sub_(base)
         else:  # a copy: read() may hand out memory-mapped data that must not change

@@ -234,6 +234,41 @@ def test_learned_merge_through_factors_and_vectors_equals_the_dense_experts_and_
         assert (part.rows, part.row_vectors.shape) == (([], (0, m)) if delta.feedforward else ([1], (1, m)))
 
 
+def test_a_learned_merge_of_ia3_adapters_alone_keeps_them_as_vectors(
+    base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from supermerge.config import config_from_dict
+    from supermerge.learned import node
+    from supermerge.learned_merge import run_learned_merge
+    from tests.lm import choice_task
+
+    built, original = [], node.LowRankBody
+
+    def recording(store, *args):
+        built.append(store)
+        return original(store, *args)
+
+    monkeypatch.setattr(node, "LowRankBody", recording)
+    adapters = [
+        make_adapter(base, tmp_path / f"ia3_{i}", ADAPTERS["ia3_with_feedforward"](), seed=30 + i)[0]
+        for i in range(2)
+    ]
+    data = {t: choice_task(tmp_path / f"{t}.jsonl", s, n=4) for t, s in (("a", 5), ("b", 6))}
+    doc = {
+        "base": str(base),
+        "experts": [
+            {"name": t, "path": str(p), "data": str(data[t])} for t, p in zip("ab", adapters, strict=True)
+        ],
+        "method": {"name": "supermerge", "steps": 2, "batch_size": 4},
+        "model": {"kind": "hf_causal_lm", "max_length": 48},
+        "output": str(tmp_path / "merged"),
+    }
+    run_learned_merge(config_from_dict(doc, tmp_path), progress=False)
+    (store,) = built
+    assert store.task_vector_bytes == sum(p.row_vectors.nbytes + p.col_vectors.nbytes for p in store.tensors)
+    assert Checkpoint(tmp_path / "merged").names == Checkpoint(base).names
+
+
 def test_a_learned_merge_of_adapters_runs_end_to_end_with_distillation(base: Path, tmp_path: Path) -> None:
     from supermerge.config import config_from_dict
     from supermerge.learned_merge import run_learned_merge

@@ -154,16 +154,13 @@ def build_body(
     task_groups: int,
     progress: bool,
 ) -> Body:
-    """One process: the whole store (LoRA adapters kept as their factors); several ranks (or
+    """One process: the whole store (PEFT adapters kept as their factors or vectors); several ranks (or
     offload): this rank's shard of the plan, with `task_groups` task groups (adapters as dense
     task vectors)."""
     spec, dtype, device = inputs.cfg.distributed, inputs.storage_dtype, inputs.device
     impl = inputs.params.impl
     if comm.size == 1 and spec.offload == "none" and spec.gather == "body":
-        if any(
-            isinstance(e.checkpoint, AdapterCheckpoint) and e.checkpoint.kind == "lora"
-            for e in source.experts
-        ):
+        if any(isinstance(e.checkpoint, AdapterCheckpoint) for e in source.experts):
             return LowRankBody(LowRankStore.build(source, dtype, device, progress), layout, init, impl)
         return MergedBody(TaskVectorStore.build(source, dtype, device, progress), layout, init, impl)
     tasks = [e.name for e in source.experts]

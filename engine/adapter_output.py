@@ -27,12 +27,12 @@ from safetensors.torch import save
 from supermerge.config import MergeConfig
 from supermerge.errors import InputError
 from supermerge.io.adapters import PREFIX, AdapterCheckpoint
-from supermerge.io.atomic import TempFolder
+from supermerge.io.atomic import atomic_folder
 from supermerge.io.paths import check_apart
 from supermerge.io.writer import prepare_output
+from supermerge.merge import plan_groups
 from supermerge.methods import REGISTRY
-from supermerge.methods.settings import ExpertInput, TensorMethods, model_depths
-from supermerge.taskvectors.source import open_source
+from supermerge.methods.settings import TensorMethods
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ def run_adapter_merge(cfg: MergeConfig, overwrite: bool = False) -> AdapterSumma
     start = time.perf_counter()
     check_apart(cfg.output, cfg.inputs())
     prepare_output(cfg.output, overwrite)
-    source = open_source(cfg.base, [(e.name, e.path) for e in cfg.experts], cfg.heads)
+    (group,) = plan_groups(cfg)  # no slices: one group, the whole model
+    source = group.source
     adapters = []
     for expert in source.experts:
         if not isinstance(expert.checkpoint, AdapterCheckpoint) or expert.checkpoint.kind != "lora":
@@ -94,17 +95,15 @@ def run_adapter_merge(cfg: MergeConfig, overwrite: bool = False) -> AdapterSumma
             )
         adapters.append(expert.checkpoint)
     methods = TensorMethods(REGISTRY[cfg.method.name], cfg.method.settings, cfg.seed)
-    depths = model_depths(source.base.names)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
-    embeddings: list[str] = []
     worst = 0.0
     for name in source.names:
         touched = [i for i, a in enumerate(adapters) if name in a.deltas]
         if not touched:
             continue
-        inputs = [ExpertInput(e.name, name, (e.params,)) for e in cfg.experts]
-        c = linear_coefficients(methods(name, depths[name], inputs, {}), len(adapters))
+        method = methods(name, group.depth[name], group.inputs(name), group.scope)
+        c = linear_coefficients(method, len(adapters))
         bs, as_ = [], []
         for i in touched:
             factors = adapters[i].lora_factors(name)
@@ -124,7 +123,7 @@ def run_adapter_merge(cfg: MergeConfig, overwrite: bool = False) -> AdapterSumma
         module = name.removesuffix(".weight")
         ranks[module] = b.shape[1]
         if any(d.kind == "lora_embedding" for i in touched for d in adapters[i].deltas[name]):
-            embeddings.append(module)  # PEFT's embedding LoRA: tau = (B_e A_e)^T
+            # PEFT's embedding LoRA: tau = (B_e A_e)^T
             tensors[f"{PREFIX}{module}.lora_embedding_A"] = b.t().contiguous()
             tensors[f"{PREFIX}{module}.lora_embedding_B"] = a.t().contiguous()
         else:
@@ -149,16 +148,11 @@ def run_adapter_merge(cfg: MergeConfig, overwrite: bool = False) -> AdapterSumma
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    folder = TempFolder(cfg.output)
-    try:
-        (folder.path / "adapter_model.safetensors").write_bytes(save(tensors, {"format": "pt"}))
-        (folder.path / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        record = {"config": cfg.record(), "modules": len(ranks), "max_relative_error": worst}
-        (folder.path / "supermerge_merge.json").write_text(json.dumps(record, indent=2))
-        folder.commit()
-    except BaseException:
-        folder.discard()
-        raise
+    record = {"config": cfg.record(), "modules": len(ranks), "max_relative_error": worst}
+    with atomic_folder(cfg.output) as folder:
+        (folder / "adapter_model.safetensors").write_bytes(save(tensors, {"format": "pt"}))
+        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        (folder / "supermerge_merge.json").write_text(json.dumps(record, indent=2))
     summary = AdapterSummary(str(cfg.output), len(ranks), rank, worst, time.perf_counter() - start)
     log.info("%s", summary.line())
     return summary

@@ -42,15 +42,7 @@ from supermerge.io.output import MergeSummary, output_bytes, output_layout, writ
 from supermerge.io.paths import check_apart
 from supermerge.io.writer import ShardedWriter, prepare_output
 from supermerge.methods import REGISTRY
-from supermerge.methods.settings import (
-    ExpertInput,
-    Setting,
-    TensorMethods,
-    depth,
-    layer_of,
-    model_depths,
-    with_layer,
-)
+from supermerge.methods.settings import ExpertInput, Setting, TensorMethods, depth, layer_of, with_layer
 from supermerge.taskvectors.source import Expert, TaskVectorSource, open_source
 
 log = logging.getLogger(__name__)
@@ -122,6 +114,16 @@ class Group:
         ]
 
 
+def _depths(names: list[str]) -> dict[str, float]:
+    """t of every tensor of a whole model: layer i of its stack of n, i / (n - 1); 0 outside."""
+    where = {n: layer_of(n) for n in names}
+    counts: dict[str, int] = {}
+    for spot in where.values():
+        if spot is not None:
+            counts[spot[0]] = max(counts.get(spot[0], 0), spot[1] + 1)
+    return {n: depth(spot[1], counts[spot[0]]) if spot else 0.0 for n, spot in where.items()}
+
+
 def _layers(checkpoint: Checkpoint) -> dict[int, list[str]]:
     """Layer index -> the names of its tensors, in a model with one stack of layers."""
     layers: dict[int, list[str]] = {}
@@ -159,14 +161,19 @@ def _view(
     return CheckpointView(checkpoint, names)
 
 
-def plan_groups(cfg: MergeConfig, input_dtype: torch.dtype | None = None) -> list[Group]:
+def plan_groups(
+    cfg: MergeConfig, input_dtype: torch.dtype | None = None, scratch: Scratch | None = None
+) -> list[Group]:
     """The output's tensor groups (see the module docstring), their checkpoints opened, their
-    inputs read rounded to `input_dtype` (None: as stored)."""
+    inputs read rounded to `input_dtype` (None: as stored), into `scratch` when given (every group
+    reads into the same buffers, one tensor at a time)."""
     experts = {e.name: e for e in cfg.experts}
     if not cfg.slices:
-        source = open_source(cfg.base, [(e.name, e.path) for e in cfg.experts], cfg.heads, input_dtype)
+        source = open_source(
+            cfg.base, [(e.name, e.path) for e in cfg.experts], cfg.heads, input_dtype, scratch
+        )
         scopes = [(e.params,) for e in cfg.experts]
-        return [Group(source, model_depths(source.base.names), scopes, {})]
+        return [Group(source, _depths(source.base.names), scopes, {})]
     opened: dict[str, Checkpoint | AdapterCheckpoint] = {}
 
     def checkpoint(model: str) -> Checkpoint:
@@ -187,7 +194,10 @@ def plan_groups(cfg: MergeConfig, input_dtype: torch.dtype | None = None) -> lis
             for x in piece.sources
         }
         source = TaskVectorSource(
-            views[id(base)], [Expert(x.model, views[id(x)]) for x in sources], input_dtype=input_dtype
+            views[id(base)],
+            [Expert(x.model, views[id(x)]) for x in sources],
+            input_dtype=input_dtype,
+            scratch=scratch,
         )
         depths = {}
         for out in views[id(base)].names:
@@ -259,16 +269,14 @@ def run_merge(cfg: MergeConfig, overwrite: bool = False, progress: bool = True) 
     methods = TensorMethods(REGISTRY[cfg.method.name], cfg.method.settings, cfg.seed)
     low = cfg.compute_dtype if cfg.compute_dtype in (torch.bfloat16, torch.float16) else None
     compute = low if low is not None and methods.cls.computes_in_dtype else torch.float32
-    groups = plan_groups(cfg, low)
+    scratch = Scratch()
+    groups = plan_groups(cfg, low, scratch)
     base = groups[0].source.base if not cfg.slices else Checkpoint(cfg.base)
     donor = base if cfg.tokenizer in (None, "base") else Checkpoint(cfg.expert(cfg.tokenizer).path)
     if cfg.tokenizer is not None:
         check_vocabularies(donor.path, [p for _, p in cfg.inputs() if Path(p).is_dir()])
     device = torch.device(cfg.device)
     held = TensorBytes()
-    scratch = Scratch()  # every group reads into the same buffers, one tensor at a time
-    for group in groups:
-        group.source.scratch = scratch
 
     def merger(group: Group) -> Callable[[str], torch.Tensor]:
         def merged_tensor(name: str) -> torch.Tensor:

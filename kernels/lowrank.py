@@ -25,8 +25,7 @@ def column_coefficients(c: Tensor, rank_offsets: Tensor) -> Tensor:
 
 def lowrank_merge(base: Tensor, b: Tensor, a: Tensor, c: Tensor, rank_offsets: Tensor) -> Tensor:
     """base + sum_i c_i B_i A_i in float32, [m, n] (see the module docstring)."""
-    scaled = b.float() * column_coefficients(c.float(), rank_offsets)
-    return torch.addmm(base.float(), scaled, a.float())
+    return lowrank_merge_(base.to(torch.float32, copy=True), b, a, c, rank_offsets)
 
 
 def lowrank_merge_(out: Tensor, b: Tensor, a: Tensor, c: Tensor, rank_offsets: Tensor) -> Tensor:

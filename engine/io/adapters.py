@@ -66,13 +66,16 @@ def is_adapter(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG_FILE).is_file()
 
 
+def matches(key: str, module: str) -> bool:
+    """Whether PEFT's `key` (an alpha_pattern key, a feedforward_modules entry) names the module
+    at path `module`: a regex matching its last components."""
+    return re.match(rf"(.*\.)?({key})$", module) is not None
+
+
 def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
     """The value of the first key of `patterns` (PEFT's rank_pattern / alpha_pattern) that matches
-    the end of the module path, as PEFT matches them; `default` when none does."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+    the module; `default` when none does."""
+    return next((value for key, value in patterns.items() if matches(key, module)), default)
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,7 @@ class AdapterCheckpoint(TensorSet):
                 adapter_tensor,
             )
 
-    def _lora_deltas(self) -> dict[str, Delta]:
+    def _lora_deltas(self) -> dict[str, tuple[Delta, ...]]:
         for field in UNSUPPORTED_LORA:
             if self.settings.get(field):
                 raise InputError(
@@ -230,7 +233,7 @@ class AdapterCheckpoint(TensorSet):
                 deltas.setdefault(f"{module}.bias", []).append(Delta("lora_bias", (bias.name,), scale))
         return {target: tuple(parts) for target, parts in deltas.items()}
 
-    def _ia3_deltas(self) -> dict[str, Delta]:
+    def _ia3_deltas(self) -> dict[str, tuple[Delta, ...]]:
         feedforward = self.settings.get("feedforward_modules") or []
         if isinstance(feedforward, str):
             feedforward = [feedforward]
@@ -238,7 +241,7 @@ class AdapterCheckpoint(TensorSet):
         modules, whole = self._parts()
         deltas = self._whole(whole)
         for module, parts in modules.items():
-            ff = any(re.match(rf"(.*\.)?({key})$", module) for key in feedforward)
+            ff = any(matches(key, module) for key in feedforward)
             target = f"{module}.weight"
             l_info = self.weights.infos[parts["l"]]
             out, inp = self._base_info(target, l_info.name).shape[:2]

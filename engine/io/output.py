@@ -90,9 +90,11 @@ def write_tensors(
     (None: the base's dtype of that tensor).
     """
     mergeable = set(source.names)
-    for name in tqdm(source.base.names, desc="tensors", unit="tensor", disable=not progress):
+    for name, _, out_dtype in tqdm(
+        output_layout(source, dtype), desc="tensors", unit="tensor", disable=not progress
+    ):
         if name in mergeable:
-            writer.add(name, merged_tensor(name).to(dtype or source.base.infos[name].dtype))
+            writer.add(name, merged_tensor(name).to(out_dtype))
         else:
             writer.add(name, source.base.read(name))
 

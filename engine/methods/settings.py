@@ -308,13 +308,3 @@ class TensorMethods:
                 raise ConfigError(e.field, f"{e.message} (tensor '{tensor}', t = {t:g})") from None
             self._built[key] = method
         return method
-
-
-def model_depths(names: list[str]) -> dict[str, float]:
-    """t of every tensor of a whole model: layer i of its stack of n, i / (n - 1); 0 outside."""
-    where = {n: layer_of(n) for n in names}
-    counts: dict[str, int] = {}
-    for spot in where.values():
-        if spot is not None:
-            counts[spot[0]] = max(counts.get(spot[0], 0), spot[1] + 1)
-    return {n: depth(spot[1], counts[spot[0]]) if spot else 0.0 for n, spot in where.items()}

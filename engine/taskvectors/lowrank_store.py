@@ -15,7 +15,6 @@ not k m n.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from supermerge.io.adapters import AdapterCheckpoint
 from supermerge.io.memory import nbytes
 from supermerge.taskvectors.source import TaskVectorSource
-from supermerge.taskvectors.store import split_flat
+from supermerge.taskvectors.store import flat_layout, split_flat
 
 
 @dataclass
@@ -86,14 +85,12 @@ class LowRankStore:
         progress: bool = False,
     ) -> LowRankStore:
         """Read the base and each expert's update of every mergeable tensor of `source`."""
-        names = source.names
-        shapes = [source.base.infos[n].shape for n in names]
-        base_flat = torch.empty(sum(math.prod(s) for s in shapes), dtype=source.merged_dtype, device=device)
-        tensors, start = [], 0
-        for name in tqdm(names, desc="task vectors", unit="tensor", disable=not progress):
+        names, shapes, offsets = flat_layout(source)
+        base_flat = torch.empty(int(offsets[-1]), dtype=source.merged_dtype, device=device)
+        tensors = []
+        for t, name in enumerate(tqdm(names, desc="task vectors", unit="tensor", disable=not progress)):
             base = source.read_base(name)
-            base_flat[start : start + base.numel()] = base.reshape(-1)
-            start += base.numel()
+            base_flat[int(offsets[t]) : int(offsets[t + 1])] = base.reshape(-1)
             tensors.append(_tensor_updates(source, name, base, storage_dtype, device))
         return cls(names, shapes, base_flat, tensors, source.k)
 

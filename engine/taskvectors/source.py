@@ -283,9 +283,10 @@ def open_source(
     experts: Sequence[tuple[str, Path]],
     heads: Sequence[str],
     input_dtype: torch.dtype | None = None,
+    scratch: Scratch | None = None,
 ) -> TaskVectorSource:
     """Open base and experts ((name, path) pairs) lazily and check they are compatible (no tensor
-    data is read); `input_dtype` as TaskVectorSource takes it.
+    data is read); `input_dtype` and `scratch` as TaskVectorSource takes them.
 
     The architecture fields of config.json are compared only where the base and the expert both
     have one; otherwise a warning says so: one per expert without config.json when the base has
@@ -298,6 +299,7 @@ def open_source(
         [Expert(name, open_expert(path, base_checkpoint)) for name, path in experts],
         heads,
         input_dtype=input_dtype,
+        scratch=scratch,
     )
     if source.base.config is None:
         log.warning(

@@ -47,10 +47,7 @@ class TaskVectorStore:
         progress: bool = False,
     ) -> TaskVectorStore:
         """Stream base and task vectors of `source`'s mergeable tensors into flat buffers."""
-        names = source.names
-        shapes = [source.base.infos[n].shape for n in names]
-        sizes = [math.prod(s) for s in shapes]
-        offsets = torch.tensor([0, *sizes], dtype=torch.int64).cumsum(0)
+        names, shapes, offsets = flat_layout(source)
         total = int(offsets[-1])
         base_flat = torch.empty(total, dtype=source.merged_dtype, device=device)
         tau_flat = torch.empty(source.k, total, dtype=storage_dtype, device=device)
@@ -79,6 +76,13 @@ class TaskVectorStore:
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of a flat [N] buffer as the named tensors, in their shapes."""
         return split_flat(flat, self.names, self.shapes)
+
+
+def flat_layout(source: TaskVectorSource) -> tuple[list[str], list[tuple[int, ...]], torch.Tensor]:
+    """`source`'s mergeable tensors back to back: names, shapes, [T + 1] int64 offsets (CPU)."""
+    shapes = [source.base.infos[n].shape for n in source.names]
+    offsets = torch.tensor([0, *(math.prod(s) for s in shapes)], dtype=torch.int64).cumsum(0)
+    return list(source.names), shapes, offsets
 
 
 def split_flat(

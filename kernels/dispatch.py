@@ -48,17 +48,22 @@ def select_impl(impl: str, device: torch.device) -> Literal["torch", "triton"]:
     return impl  # type: ignore[return-value]
 
 
+def require_triton_runs_on(device: torch.device) -> None:
+    """Raise unless Triton kernels can run on `device` (CPU only in the Triton interpreter)."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "the triton impl runs CPU tensors only in the Triton interpreter: set "
+            "TRITON_INTERPRET=1 before supermerge.kernels first imports triton"
+        )
+
+
 def _triton_grouped(
     base_flat: Tensor, tau_flat: Tensor, w: Tensor, offsets: Tensor | tuple[int, ...]
 ) -> Tensor:
     from supermerge.kernels.autograd import GroupedWeightedSumFunction
     from supermerge.kernels.weighted_sum_triton import DEFAULT_BLOCK, build_chunk_plan
 
-    if base_flat.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            "the triton impl runs CPU tensors only in the Triton interpreter: set "
-            "TRITON_INTERPRET=1 before supermerge.kernels first imports triton"
-        )
+    require_triton_runs_on(base_flat.device)
     if base_flat.dtype not in _TRITON_DTYPES or tau_flat.dtype not in _TRITON_DTYPES:
         raise TypeError(f"triton impl supports {_TRITON_DTYPES}; got {base_flat.dtype}, {tau_flat.dtype}")
     if base_flat.requires_grad or tau_flat.requires_grad:

@@ -34,8 +34,11 @@ class GroupedWeightedSumTorch(torch.autograd.Function):
         out = torch.empty_like(base_flat)
         segments = _segments(offsets)
         for t, (lo, hi) in enumerate(segments):
-            merged = torch.addmv(_acc(base_flat[lo:hi], acc), _acc(tau_flat[:, lo:hi], acc).T, coef[:, t])
-            out[lo:hi] = merged
+            args = (_acc(base_flat[lo:hi], acc), _acc(tau_flat[:, lo:hi], acc).T, coef[:, t])
+            if out.dtype == acc:  # straight into out: no tensor-sized temporary, no copy
+                torch.addmv(*args, out=out[lo:hi])
+            else:
+                out[lo:hi] = torch.addmv(*args)
         ctx.save_for_backward(tau_flat, w.detach().to(acc))
         ctx.segments, ctx.acc, ctx.w_dtype = segments, acc, w.dtype
         return out

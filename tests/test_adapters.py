@@ -234,6 +234,109 @@ def test_learned_merge_through_factors_and_vectors_equals_the_dense_experts_and_
         assert (part.rows, part.row_vectors.shape) == (([], (0, m)) if delta.feedforward else ([1], (1, m)))
 
 
+@pytest.mark.parametrize(("ranks", "groups"), [(3, 1), (4, 2), (2, 2), (24, 1)])
+def test_sharded_factor_stores_give_the_dense_shards_sums_and_gradients(
+    base: Path, tmp_path: Path, gen: torch.Generator, ranks: int, groups: int
+) -> None:
+    """Each rank's LowRankShardStore (LoRA as B rows + A over parts cut anywhere in a tensor, IA3
+    and dense experts as task-vector parts, untouched tensors as nothing) gives the dense
+    ShardStore's weighted sum and coefficient gradient, and holds the bytes the plan counts."""
+    from supermerge.distributed.plan import ShardPlan, row_length
+    from supermerge.distributed.stores.lowrank import LowRankShardStore, held_rank
+    from supermerge.distributed.stores.resident import ShardStore
+    from supermerge.taskvectors.source import open_source
+
+    experts = [
+        make_adapter(base, tmp_path / "lora", lora(), seed=41)[0],
+        make_adapter(base, tmp_path / "ia3", ADAPTERS["ia3_with_feedforward"](), seed=42)[0],
+        make_adapter(base, tmp_path / "k_only", lora(target_modules=["k_proj"]), seed=43)[0],
+        make_adapter(base, tmp_path / "dense_src", lora(r=2), seed=44)[1],  # a dense expert
+    ]
+    source = open_source(base, [(f"e{i}", p) for i, p in enumerate(experts)], heads=[])
+    infos = source.base.infos
+    plan = ShardPlan(
+        names=list(source.names), numels=[infos[n].numel for n in source.names],
+        tasks=[e.name for e in source.experts], ranks=ranks, task_groups=groups,
+        storage_itemsize=4, base_itemsize=4, columns=len(source.names),
+        held=tuple(tuple(held_rank(source, n, i) for i in range(source.k)) for n in source.names),
+        row_lengths=tuple(row_length(infos[n].shape) for n in source.names),
+    )  # fmt: skip
+    assert any(h > 0 for row in plan.held for h in row) and any(-1 in row for row in plan.held)
+    cpu = torch.device("cpu")
+    kept_as = set()  # how LoRA updates were held: factors, or a task vector where factors do not pay
+    for rank in range(ranks):
+        ours = LowRankShardStore.build(source, plan, rank, torch.float32, cpu)
+        for seg, part in zip(plan.segments(plan.coords(rank)[0]), ours.parts, strict=True):
+            by_factors = [j for j, i in enumerate(ours.rows) if plan.held[seg.tensor][i] > 0]
+            kept_as |= {"factors" if j in part.lowrank else "task vector" for j in by_factors}
+        dense = ShardStore.build(source, plan, rank, torch.float32, cpu)
+        torch.testing.assert_close(ours.base_piece, dense.base_piece, rtol=0, atol=0)
+        segments = len(plan.segments(plan.coords(rank)[0]))
+        c = torch.randn(len(ours.rows), segments, generator=gen)
+        cotangent = torch.randn(ours.n_local, generator=gen)
+        sums, grads = [], []
+        for store in (ours, dense):
+            coefficients = c.clone().requires_grad_()
+            total = store.weighted_sum(coefficients, "torch")
+            (total * cotangent).sum().backward()
+            sums.append(total.detach())
+            grads.append(coefficients.grad)
+        torch.testing.assert_close(sums[0], sums[1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+        assert ours.task_vector_bytes == plan.task_vector_elements(rank) * 4 < dense.task_vector_bytes
+    print(f"factor vs dense bytes over {ranks} ranks: {plan.task_vector_bytes} vs {4 * plan.n * source.k}")
+    assert kept_as == ({"factors", "task vector"} if ranks == 24 else {"factors"})  # 24: parts cut small
+
+
+@pytest.mark.parametrize(
+    ("ranks", "gather", "group_size"),
+    [(1, "layer", None), (2, "body", None), (2, "layer", None), (2, "body", 2)],
+)
+def test_lora_experts_sharded_over_ranks_give_the_one_process_merge(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture, ranks: int, gather: str, group_size: int | None
+) -> None:
+    """LoRA adapters (and a dense expert) merged under torchrun, each rank holding its shard of the
+    factors (LowRankShardStore), give the one-process merge, flat or as a tree (group_size 2);
+    each rank holds the factor bytes its plan counts, a fraction of the dense task vectors."""
+    from supermerge.config import load_config
+    from supermerge.io.memory import human_bytes
+    from supermerge.learned_merge import run_learned_merge
+    from tests.jobs import assert_clean_success, run_job, write_lm_config
+    from tests.lm import choice_task, generation_task
+    from tests.test_causal_lm_distributed import assert_same_learned_merge, coefficients
+
+    folders = {
+        "a": make_adapter(base, tmp_path / "a", lora(), seed=51)[0],
+        "b": make_adapter(base, tmp_path / "b", lora(r=8), seed=52)[0],
+        "c": make_adapter(base, tmp_path / "c", lora(r=2), seed=53)[1],  # a dense expert
+    }
+    tasks = {"a": choice_task, "b": generation_task, "c": choice_task}
+    experts = {t: (folders[t], tasks[t](tmp_path / f"{t}.jsonl", 7 + i)) for i, t in enumerate(folders)}
+    tree = {"group_size": group_size} if group_size else {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as run_job's ranks compute (OMP_NUM_THREADS=1)
+    try:
+        one = write_lm_config(tmp_path, base, experts, "one", **tree)
+        run_learned_merge(load_config(one), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    distributed = {"gather": gather}
+    config = write_lm_config(tmp_path, base, experts, "sharded", **tree, distributed=distributed)
+    capsys.readouterr()
+    assert run_cli("plan", str(config), "--ranks", str(ranks)) == 0
+    plan = capsys.readouterr().out
+    result = run_job("torchrun", ranks, config)
+    assert_clean_success(result)
+    assert_same_learned_merge(tmp_path / "one", tmp_path / "sharded")
+    held = coefficients(tmp_path / "sharded")["nodes"][0]["rank_task_vector_bytes"]
+    dense = 4 * 3 * sum(Checkpoint(base).infos[n].numel for n in Checkpoint(base).names)
+    print(f"{ranks} rank(s), gather {gather}: task-vector bytes per rank {held}, dense in all {dense}")
+    assert len(held) == ranks and sum(held) < 0.6 * dense
+    assert "task vectors (LoRA as factors)" in plan
+    if group_size is None:  # (a tree's plan shows its root, whose inputs are intermediate models)
+        assert all(f"task vectors {human_bytes(b)}," in plan for b in held)  # the plan counts what ranks hold
+
+
 def test_a_learned_merge_of_ia3_adapters_alone_keeps_them_as_vectors(
     base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

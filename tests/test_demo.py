@@ -56,3 +56,29 @@ def test_llm_demo_runs_every_method_on_tiny_causal_lms(tmp_path: Path, capsys, m
     assert len(kept) == 1  # the grid's other merges are removed once beaten
     assert "supermerge (distill)" in capsys.readouterr().out
     assert (tmp_path / "demo" / "accuracy.png").is_file()
+
+
+def test_llm_demo_merges_lora_experts_with_every_method(tmp_path: Path, capsys, monkeypatch) -> None:
+    """`demo --llm --lora`: the experts are PEFT LoRA adapters, merged as adapters by the
+    training-free methods and as factors by the learned ones (tiny random Llama, fake source)."""
+    from supermerge.demo import suite as builtin
+    from supermerge.demo.llm_demo import LLMDemoSettings, _learned, llm_demo_suite
+    from supermerge.demo.run import run_demo
+    from supermerge.io.adapters import is_adapter
+    from tests.lm import tiny_lm
+    from tests.test_llm_suite import no_builtin, write_source
+
+    monkeypatch.setattr(builtin, "build_builtin_suite", no_builtin)
+    grids = {"task_arithmetic": [{"lambda": 1.0}], "ties": [{"density": 0.5, "lambda": 1.0}]}
+    settings = LLMDemoSettings(24, 8, 1, 1e-3, 4, 96, _learned(2, 0.1, 4, quick=True), grids, 1e-2, 2)
+    base = tiny_lm(tmp_path / "base", 0)
+    suite = llm_demo_suite(
+        tmp_path / "cache", True, False, settings, base, write_source(tmp_path / "src"), lora=True
+    )
+    assert all(is_adapter(Path(e["path"])) for e in suite.config["experts"])
+    results = run_demo(tmp_path / "demo", progress=False, suite=suite)
+    assert set(results["methods"]) == {"task_arithmetic", "ties", "adamerging", "supermerge (cross_entropy)",
+                                       "supermerge (distill)", "supermerge (tree, g=2)"}  # fmt: skip
+    assert "LoRA experts" in results["suite"] and "LoRA experts" in capsys.readouterr().out
+    for row in results["methods"].values():
+        assert all(0.0 <= a <= 1.0 for a in row["test_accuracy"].values())

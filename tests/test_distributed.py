@@ -69,6 +69,16 @@ def test_plan_tensor_traffic_does_not_grow_with_k() -> None:
         assert tags["dW"] == int(2 * 3 / 4 * k * 3 * 4)
 
 
+def test_lora_factors_are_held_where_they_take_fewer_values_than_the_part() -> None:
+    from supermerge.distributed.plan import held_elements
+
+    n = 64  # rows of 64 elements; rank 4: B's rows touched + all of A
+    assert held_elements(4, 0, 64 * 64, n) == 4 * (64 + 64)  # a whole 64 x 64 tensor
+    assert held_elements(4, 100, 300, n) == 200  # 3 rows touched: 4 (3 + 64) = 268 > 200 elements
+    assert held_elements(4, 64, 64 * 40, n) == 4 * (39 + 64)
+    assert held_elements(0, 100, 300, n) == 200 and held_elements(-1, 100, 300, n) == 0
+
+
 def test_plan_refuses_task_groups_that_do_not_divide_the_ranks() -> None:
     with pytest.raises(SupermergeError, match="task_groups: 3 does not divide the 4 ranks"):
         make_plan([100], k=4, ranks=4, groups=3)

@@ -118,18 +118,18 @@ def test_a_learned_merge_killed_at_random_steps_resumes_to_the_uninterrupted_w(
     killed = write_config(tmp_path, toy, "killed", steps=steps, checkpoint_every=1)
     state = tmp_path / "killed.run" / "root.state.pt"
     targets = sorted(random.Random(seed).sample(range(1, steps), 3))
-    for target in targets:  # each run resumes the last one and is killed once it has saved `target`
-        proc = subprocess.Popen(
-            merge_command(killed, "--resume"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while saved_step(state) < target and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        assert target <= saved_step(state) < steps, (target, saved_step(state))
-    run_to_end(merge_command(killed, "--resume"))
+    for target in targets:  # each run resumes the last one and SIGKILLs itself once it has saved `target`
+        env = os.environ | {"SUPERMERGE_TEST_KILL": f"0:{target + 1}"}  # as it starts step target + 1
+        proc = subprocess.run(
+            merge_command(killed, "--resume"), env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+        )
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        assert saved_step(state) == target
+    # then SIGKILLed from outside at a random moment (maybe while it writes a checkpoint; or it
+    # finishes first), and resumed to the end
+    run_and_kill(merge_command(killed, "--resume"), random.Random(seed).uniform(0.5, 3.0))
+    if not (tmp_path / "killed").exists():
+        run_to_end(merge_command(killed, "--resume"))
     whole, resumed = Checkpoint(tmp_path / "whole"), Checkpoint(tmp_path / "killed")
     for name in whole.names:
         assert torch.equal(whole.read(name), resumed.read(name)), name

@@ -174,7 +174,7 @@ def finetune_suite(
     (cache_dir / "experts").mkdir(parents=True, exist_ok=True)
     for name, task in tasks.items():
         out = cache_dir / "experts" / f"{name}-{cache_key(base, task, cfg, files, version)}"
-        if (out / "config.json").is_file():
+        if out.is_dir():
             log.info("expert %s: cached at %s", name, out)
         else:
             log.info("expert %s: fine-tuning on %d examples", name, len(task.splits["train"]))

@@ -4,7 +4,9 @@ SmolLM2-135M-Instruct (`supermerge.demo.llm_base`, converted once from the PyPI 
 fine-tuned into one expert per task of the built-in generative suite
 (`supermerge.demo.llm_suite`: the built-in text tasks posed as instructions, scored by rank
 classification over choices or by exact match of a generated answer), with the completion-only
-loss (`supermerge.demo.lm_finetune`, cached by content). `supermerge.demo.run.run_demo` then merges
+loss (`supermerge.demo.lm_finetune`, cached by content): every weight, or with `lora` a PEFT LoRA
+adapter per task (merged as adapters: factors in the learned merges, one tensor's task vector at
+a time in the training-free ones). `supermerge.demo.run.run_demo` then merges
 them with every method through `supermerge merge`'s code path and scores each merge with
 `supermerge.demo.lm_evaluate` on the validation split (to pick parameters and objectives) and on
 test (the table).
@@ -26,7 +28,8 @@ class LLMDemoSettings:
     Attributes:
         train_size: train examples per task in the suite (its experts' training set).
         test_size: test examples per task.
-        epochs, lr: expert fine-tuning.
+        epochs, lr: expert fine-tuning (every weight).
+        lora_lr, lora_rank: the learning rate and rank of LoRA experts (the `lora` demo).
         validation_size: validation examples per task (learned merges and picking on validation).
         max_length: tokens per prompt + completion.
         learned: label -> `method:` block of each learned merge.
@@ -41,6 +44,8 @@ class LLMDemoSettings:
     max_length: int
     learned: dict[str, dict]
     grids: dict[str, list[dict]] = field(default_factory=dict)
+    lora_lr: float = 1e-3
+    lora_rank: int = 16
 
 
 def _learned(steps: int, lr: float, validation_size: int, quick: bool) -> dict[str, dict]:
@@ -76,13 +81,15 @@ def llm_demo_suite(
     settings: LLMDemoSettings | None = None,
     base: Path | None = None,
     source: Path | None = None,
+    lora: bool = False,
 ) -> DemoSuite:
-    """SmolLM2-135M-Instruct experts fine-tuned on the built-in generative suite; `base` and
-    `source` (a classification suite folder to pose) replace the built-in ones (tests)."""
+    """SmolLM2-135M-Instruct experts fine-tuned on the built-in generative suite (LoRA adapters
+    with `lora`); `base` and `source` (a classification suite folder to pose) replace the
+    built-in ones (tests)."""
     from supermerge.demo.llm_base import smollm2_base
     from supermerge.demo.llm_suite import LLMSuiteSettings, build_llm_suite
     from supermerge.demo.lm_evaluate import evaluate_lm
-    from supermerge.demo.lm_finetune import LMFinetuneConfig, finetune_lm_suite
+    from supermerge.demo.lm_finetune import LMFinetuneConfig, LMLoraFinetuneConfig, finetune_lm_suite
     from supermerge.io.completions import read_completion_suite
 
     settings = settings or (LLM_QUICK if quick else LLM_REAL)
@@ -97,9 +104,11 @@ def llm_demo_suite(
     timings["llm_suite"] = time.perf_counter() - start
     chat = suite_settings.chat
     start = time.perf_counter()
-    finetune = LMFinetuneConfig(
-        epochs=settings.epochs, lr=settings.lr, max_length=settings.max_length, train_size=None, chat=chat
-    )
+    common = {"epochs": settings.epochs, "max_length": settings.max_length, "train_size": None, "chat": chat}
+    if lora:
+        finetune = LMLoraFinetuneConfig(**common, lr=settings.lora_lr, rank=settings.lora_rank)
+    else:
+        finetune = LMFinetuneConfig(**common, lr=settings.lr)
     paths = finetune_lm_suite(base, tasks, cache, finetune, progress)
     timings["finetune"] = time.perf_counter() - start
 
@@ -119,7 +128,8 @@ def llm_demo_suite(
         "experts": [{"name": t, "path": str(p), "data": str(tasks[t].path)} for t, p in paths.items()],
         "model": {"kind": "hf_causal_lm", "max_length": settings.max_length, "chat_template": chat},
     }
-    title = f"{base.name} experts on {len(tasks)} generative tasks{' (quick)' if quick else ''}"
+    kind = "LoRA experts" if lora else "experts"
+    title = f"{base.name} {kind} on {len(tasks)} generative tasks{' (quick)' if quick else ''}"
     learned = {
         label: method | {"targets_cache": str(cache / "distill_targets")}
         if method.get("objective") in ("distill", PICKED)

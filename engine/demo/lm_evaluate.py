@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from supermerge.demo.lm_finetune import check_completion_logits, decoder_of, hf_progress
 from supermerge.errors import InputError
+from supermerge.io.adapters import adapter_base, is_adapter
 from supermerge.io.completions import Completion, CompletionTaskFile
 from supermerge.learned.lm_inputs import Encoded, encode, pad_id
 
@@ -248,20 +249,31 @@ def evaluate_lm_model(
 def load_lm(
     model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True
 ):
-    """(model in eval mode on `device`, tokenizer) of a causal-LM folder.
+    """(model in eval mode on `device`, tokenizer) of a causal-LM folder, or of a PEFT adapter
+    folder on the base its adapter_config.json names (`base_model_name_or_path`), merged into
+    it as `merge_and_unload` does; the tokenizer is the folder's own if it has one, else the base's.
 
     Raises:
-        InputError: not a model folder.
+        InputError: not a model or adapter folder, or the adapter's base is not a model folder.
         SupermergeError: its logits are not supported (`check_completion_logits`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
+    weights = model_dir
+    if is_adapter(model_dir):
+        weights = adapter_base(model_dir)
+    elif not (model_dir / "config.json").is_file():
         raise InputError(model_dir, "no config.json: not a model folder")
+    has_tokenizer = (model_dir / "tokenizer_config.json").is_file()
     with hf_progress(progress):
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir if has_tokenizer else weights)
+        model = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype)
+        if weights != model_dir:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, model_dir).merge_and_unload()
+    model = model.to(device).eval()
     check_completion_logits(model)
     return model, tokenizer
 

@@ -10,7 +10,10 @@ as for the encoder experts.
 
 The expert is written with `save_pretrained` (safetensors; tied input/output embeddings stay
 tied, so the file has no separate lm_head) plus the base's tokenizer, into an atomic folder;
-its config.json names the task as `supermerge_task`. Experts are cached by a content hash of the
+its config.json names the task as `supermerge_task`. With `LMLoraFinetuneConfig` the expert is a
+PEFT LoRA adapter instead (`peft.get_peft_model`: only the factors train, the base stays frozen),
+written as PEFT writes it (adapter_config.json + adapter_model.safetensors, the base named by its
+absolute path) plus the tokenizer. Experts are cached by a content hash of the
 task file, every file of the base folder (weights, config, tokenizer, chat template) and the
 settings, as `supermerge.demo.finetune` does for encoder experts.
 """
@@ -29,6 +32,7 @@ from tqdm import tqdm
 
 from supermerge.demo.finetune import finetune_suite, length_bucketed_batches
 from supermerge.errors import InputError, SupermergeError
+from supermerge.io.adapters import adapter_config, is_adapter
 from supermerge.io.atomic import atomic_folder
 from supermerge.io.completions import CompletionTaskFile
 from supermerge.learned.lm_inputs import (
@@ -41,6 +45,7 @@ from supermerge.learned.lm_inputs import (
 
 log = logging.getLogger(__name__)
 LM_CACHE_VERSION = "lm-1"  # part of every causal-LM expert's cache key: bump it when training changes
+LORA_CACHE_VERSION = "lm-lora-1"  # the same for LoRA experts
 # a base folder's files that can change an expert: weights, config, tokenizer, chat template
 _BASE_SUFFIXES = {".safetensors", ".json", ".jinja", ".model", ".txt", ".bin", ".tiktoken"}
 
@@ -68,9 +73,35 @@ class LMFinetuneConfig:
     chat: bool = False
 
 
+@dataclass(frozen=True)
+class LMLoraFinetuneConfig(LMFinetuneConfig):
+    """Causal-LM fine-tuning of a LoRA adapter (PEFT) instead of every weight.
+
+    Attributes:
+        rank: r of every adapted module (B [out, r], A [r, in]).
+        alpha: lora_alpha (the update is alpha / r * B A).
+        target_modules: PEFT's `target_modules`: "all-linear" (every linear layer but the output
+            head) or module names.
+    """
+
+    lr: float = 1e-3
+    rank: int = 16
+    alpha: float = 32.0
+    target_modules: str | tuple[str, ...] = "all-linear"
+
+
 def is_causal_lm(folder: Path) -> bool:
     """Whether `folder`'s config.json names a causal LM (an `architectures` entry ending in
-    "ForCausalLM"); False when it has no readable config.json."""
+    "ForCausalLM"), or `folder` is a PEFT adapter for one (its task_type CAUSAL_LM, or the base
+    it names is one); False when it has no readable config.json."""
+    if is_adapter(folder):
+        try:
+            settings = adapter_config(folder)
+        except InputError:
+            return False
+        named = settings.get("base_model_name_or_path")
+        named_causal = isinstance(named, str) and not is_adapter(Path(named)) and is_causal_lm(Path(named))
+        return settings.get("task_type") == "CAUSAL_LM" or named_causal
     try:
         config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -181,8 +212,13 @@ def finetune_lm_expert(
     torch.manual_seed(cfg.seed)
     with hf_progress(progress):
         tokenizer = AutoTokenizer.from_pretrained(base)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device)
+        # an absolute path: what a LoRA adapter's config names as its base
+        model = AutoModelForCausalLM.from_pretrained(base.resolve(), dtype=torch.float32).to(device)
     check_completion_logits(model)
+    net = model  # what computes the logits; `model` is what trains and is saved
+    if isinstance(cfg, LMLoraFinetuneConfig):
+        model = with_lora(model, cfg)
+        net = model.get_base_model()  # the causal LM with its LoRA layers in place
     model.train()
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.train_size is not None and len(examples) > cfg.train_size:
@@ -193,14 +229,14 @@ def finetune_lm_expert(
     except ValueError as e:  # no chat template
         raise InputError(base, str(e)) from None
     pad = pad_id(tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     steps = cfg.epochs * -(-len(examples) // cfg.batch_size)
     bar = tqdm(total=steps, desc=f"finetune {task.name}", unit="step", disable=not progress)
     lengths = [len(ids) for ids, _ in encoded]
     for _ in range(cfg.epochs):
         for idx in length_bucketed_batches(lengths, cfg.batch_size, gen):
             batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad).items()}
-            logits = completion_logits(model, batch)  # [M, vocab]
+            logits = completion_logits(net, batch)  # [M, vocab]
             targets = completion_targets(batch["input_ids"], batch["completion_mask"])  # [M]
             loss = torch.nn.functional.cross_entropy(logits.float(), targets)
             optimizer.zero_grad(set_to_none=True)
@@ -211,10 +247,21 @@ def finetune_lm_expert(
     bar.close()
     model.eval()
     with atomic_folder(out) as tmp, hf_progress(progress):
-        model.config.supermerge_task = task.name
+        net.config.supermerge_task = task.name  # (a dense expert's config.json; an adapter has none)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out
+
+
+def with_lora(model: torch.nn.Module, cfg: LMLoraFinetuneConfig) -> torch.nn.Module:
+    """`model` wrapped by PEFT with fresh LoRA factors (B = 0) on `cfg.target_modules`; only the
+    factors require gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
+    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=targets, lora_dropout=0.0,
+                      task_type="CAUSAL_LM")  # fmt: skip
+    return get_peft_model(model, lora)
 
 
 def finetune_lm_suite(
@@ -227,7 +274,8 @@ def finetune_lm_suite(
 ) -> dict[str, Path]:
     """One causal-LM expert per task under `cache_dir/experts/<task>-<hash>`, trained only when
     missing (the hash: task file, every file of `base_files(base)`, `cfg`); refused if that
-    folder is, contains or lies inside the base or a task file."""
+    folder is, contains or lies inside the base or a task file. An `LMLoraFinetuneConfig` makes
+    LoRA adapters."""
     return finetune_suite(
         base,
         tasks,
@@ -236,5 +284,5 @@ def finetune_lm_suite(
         progress,
         train=lambda task, out: finetune_lm_expert(base, task, out, cfg, progress, device),
         files=base_files(base),
-        version=LM_CACHE_VERSION,
+        version=LORA_CACHE_VERSION if isinstance(cfg, LMLoraFinetuneConfig) else LM_CACHE_VERSION,
     )

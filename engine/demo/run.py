@@ -289,13 +289,13 @@ def _print_table(title: str, experts: dict[str, float], rows: dict[str, dict]) -
     expert_mean = sum(experts.values()) / len(experts)
     print(f"\ntest accuracy per task ({title})")
     header = (
-        f"{'method':24s}"
+        f"{'method':28s}"
         + "".join(f"{t:>7s}" for t in tasks)
-        + f"{'mean':>7s}{'norm.':>7s}{'s':>7s}{'KiB':>7s}"
+        + f"{'mean':>7s}{'norm.':>7s}{'s':>8s}{'KiB':>10s}"
     )
     print(header + "  chosen")
     print(
-        f"{'experts (each its own)':24s}"
+        f"{'experts (each its own)':28s}"
         + "".join(f"{experts[t]:7.3f}" for t in tasks)
         + f"{expert_mean:7.3f}"
     )
@@ -303,7 +303,7 @@ def _print_table(title: str, experts: dict[str, float], rows: dict[str, dict]) -
         acc = row["test_accuracy"]
         mean = sum(acc.values()) / len(acc)
         print(
-            f"{method:24s}" + "".join(f"{acc[t]:7.3f}" for t in tasks)
-            + f"{mean:7.3f}{mean / expert_mean:7.3f}{row['seconds']:7.1f}"
-            + f"{row['peak_tensor_bytes'] / 1024:7.0f}  {json.dumps(row['params'])}"
+            f"{method:28s}" + "".join(f"{acc[t]:7.3f}" for t in tasks)
+            + f"{mean:7.3f}{mean / expert_mean:7.3f}{row['seconds']:8.1f}"
+            + f"{row['peak_tensor_bytes'] / 1024:10.0f}  {json.dumps(row['params'])}"
         )  # fmt: skip

@@ -16,20 +16,23 @@ from torch import nn
 
 from supermerge.distributed.comm import Comm
 from supermerge.distributed.layer_gather import GatheredTensors, LayerGather, Owners, find_units
+from supermerge.distributed.stores.lowrank import LowRankShardStore
 from supermerge.distributed.stores.nvme import NvmeShardStore
-from supermerge.distributed.stores.resident import ShardStore
+from supermerge.distributed.stores.resident import ShardStore, tau_weighted_sum
 from supermerge.distributed.stores.zero import ZeroShardStore
-from supermerge.kernels import grouped_weighted_sum
 from supermerge.learned.body import Body, full_body_pass
 from supermerge.learned.coefficients import CoefficientLayout
+
+Store = ShardStore | LowRankShardStore | ZeroShardStore | NvmeShardStore
 
 
 class ShardedBody(Body):
     """Learnable coefficients over the task-vector shards of every rank of `comm`.
 
     Args:
-        store: this rank's share of the task vectors, resident (ShardStore) or offloaded
-            through DeepSpeed or to NVMe and streamed (ZeroShardStore, NvmeShardStore).
+        store: this rank's share of the task vectors, resident (ShardStore; LowRankShardStore
+            for LoRA experts as factors) or offloaded through DeepSpeed or to NVMe and streamed
+            (ZeroShardStore, NvmeShardStore).
         layout: column of W for each tensor (global).
         comm: the ranks training this merge (the plan's ranks, in order).
         shard_comm: the Q ranks holding the same layer shard (this rank's task group among them).
@@ -42,7 +45,7 @@ class ShardedBody(Body):
 
     def __init__(
         self,
-        store: ShardStore | ZeroShardStore | NvmeShardStore,
+        store: Store,
         layout: CoefficientLayout,
         comm: Comm,
         shard_comm: Comm,
@@ -53,7 +56,7 @@ class ShardedBody(Body):
     ) -> None:
         device = store.base_piece.device
         super().__init__(store, len(store.plan.tasks), layout, init, impl, device)
-        self.store: ShardStore | ZeroShardStore | NvmeShardStore = store
+        self.store: Store = store
         self.comm, self.shard_comm = comm, shard_comm
         self.gather, self.gather_ahead = gather, gather_ahead
         self.gathered_peak_bytes = 0
@@ -63,20 +66,20 @@ class ShardedBody(Body):
         self._columns = layout.column[store.segment_tensor].to(device)
         self._partial: torch.Tensor | None = None
 
+    def _coefficients(self, segments: slice) -> torch.Tensor:
+        """W's entries of this rank's tasks for `segments` of the layer shard: [k_q, segments]."""
+        return self.w.index_select(0, self._rows).index_select(1, self._columns[segments])
+
     def _partial_sum(self, tau: torch.Tensor, offsets: torch.Tensor, segments: slice) -> torch.Tensor:
         """[n] fp32 sum over this rank's tasks of tanh(w) tau, for `segments` of the layer shard."""
-        if tau.shape[1] == 0:
-            return torch.zeros(0, device=tau.device)
-        coefficients = self.w.index_select(0, self._rows).index_select(1, self._columns[segments])
-        zero = torch.zeros(tau.shape[1], dtype=torch.float32, device=tau.device)
-        return grouped_weighted_sum(zero, tau, coefficients, offsets, self.impl)
+        return tau_weighted_sum(tau, self._coefficients(segments), offsets, self.impl)
 
     def _local_partial(self) -> torch.Tensor:
         """[n] fp32 partial sum over the layer shard; resident stores keep the graph for backward,
         streamed (offloaded) ones recompute it chunk by chunk in `backward`."""
         store = self.store
         if store.resident:
-            return self._partial_sum(store.tau_local, store.offsets, slice(None))
+            return store.weighted_sum(self._coefficients(slice(None)), self.impl)
         partial = torch.empty(store.n_local, dtype=torch.float32, device=store.base_piece.device)
         with torch.no_grad():
             for chunk in store.chunks():

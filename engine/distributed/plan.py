@@ -42,6 +42,31 @@ def layer_groups(offsets: torch.Tensor, elements: int) -> list[slice]:
     return groups
 
 
+def row_length(shape: tuple[int, ...]) -> int:
+    """n of a tensor seen as [m, n] rows (a 1-D tensor as one row)."""
+    return math.prod(shape[1:]) if len(shape) > 1 else max(1, math.prod(shape))
+
+
+def factor_elements(rank: int, lo: int, hi: int, n: int) -> int:
+    """Values of rank-`rank` LoRA factors that make the part [lo, hi) of a tensor with rows of n
+    elements: B's rows the part touches and all of A, rank (ceil(hi / n) - floor(lo / n) + n)."""
+    return rank * (-(-hi // n) - lo // n + n)
+
+
+def factors_pay(held: int, lo: int, hi: int, n: int) -> bool:
+    """Whether an update `held` as factors of rank held > 0 (see ShardPlan.held) is kept as
+    factors over the part [lo, hi): when they take fewer values than its task vector, hi - lo."""
+    return held > 0 and factor_elements(held, lo, hi, n) < hi - lo
+
+
+def held_elements(held: int, lo: int, hi: int, n: int) -> int:
+    """Values a rank holds for the part [lo, hi) of one task's update: its factors where they pay,
+    else its task vector (hi - lo); nothing for held = -1."""
+    if factors_pay(held, lo, hi, n):
+        return factor_elements(held, lo, hi, n)
+    return hi - lo if held >= 0 else 0
+
+
 @dataclass(frozen=True)
 class Segment:
     """The part of one tensor that falls in a layer shard.
@@ -77,6 +102,10 @@ class ShardPlan:
             of the model gathered just before use: supermerge.distributed.layer_gather).
         largest_unit: elements of the model's largest gather unit (layer mode).
         gather_ahead: units gathered ahead of use (layer mode prefetch).
+        held: [T][k] how each task's update of each tensor is held when experts are LoRA
+            adapters (`stores.lowrank.held_rank`: rank r > 0 as factors where they pay, 0 as a
+            task vector, -1 not at all); empty: every update as a task vector.
+        row_lengths: [T] elements per row of each tensor seen as [m, n] (with `held`).
         prefetch_elements: offloaded stores stream their shard in layer groups of whole tensor
             parts of at least this many elements (`layer_groups`), two groups staged at a time.
     """
@@ -95,6 +124,8 @@ class ShardPlan:
     largest_unit: int = 0
     prefetch_elements: int = 2**22
     gather_ahead: int = 0
+    held: tuple[tuple[int, ...], ...] = ()
+    row_lengths: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.ranks < 1:
@@ -158,11 +189,29 @@ class ShardPlan:
         lo = q * (k // groups) + min(q, k % groups)
         return list(range(lo, lo + k // groups + (q < k % groups)))
 
+    def task_vector_elements(self, rank: int) -> int:
+        """Task-vector values (or factor values, see `held`) a rank holds."""
+        p, q = self.coords(rank)
+        lo, hi = self.shard_range(p)
+        rows = self.task_rows(q)
+        if not self.held:
+            return len(rows) * (hi - lo)
+        return sum(
+            held_elements(self.held[s.tensor][i], s.lo, s.hi, self.row_lengths[s.tensor])
+            for s in self.segments(p)
+            for i in rows
+        )
+
+    @property
+    def task_vector_bytes(self) -> int:
+        """Bytes of task vectors (factors) held over all ranks."""
+        return sum(self.task_vector_elements(r) for r in range(self.ranks)) * self.storage_itemsize
+
     def memory(self, rank: int) -> dict[str, int]:
         """Bytes a rank holds while training, by what they are for."""
         p, q = self.coords(rank)
         lo, hi = self.shard_range(p)
-        tau = len(self.task_rows(q)) * (hi - lo) * self.storage_itemsize
+        tau = self.task_vector_elements(rank) * self.storage_itemsize
         b = self.base_itemsize
         resident = {
             "task vectors": tau if self.offload == "none" else 0,
@@ -219,8 +268,9 @@ class ShardPlan:
         lines = [
             f"plan: {self.ranks} rank(s) = {self.layer_shards} layer shard(s) x {self.task_groups} task "
             f"group(s); k = {len(self.tasks)} tasks, N = {self.n:,} merged elements in {len(self.names)} "
-            f"tensors, W [{len(self.tasks)}, {self.columns}]; task vectors "
-            f"{human_bytes(len(self.tasks) * self.n * self.storage_itemsize)} in all, offload: {self.offload}"
+            f"tensors, W [{len(self.tasks)}, {self.columns}]; task vectors"
+            f"{' (LoRA as factors)' * bool(self.held)} {human_bytes(self.task_vector_bytes)} in all, "
+            f"offload: {self.offload}"
         ]
         for rank in range(self.ranks):
             p, q = self.coords(rank)

@@ -66,6 +66,38 @@ def is_adapter(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG_FILE).is_file()
 
 
+def adapter_config(folder: Path) -> dict[str, Any]:
+    """The adapter folder's adapter_config.json as a dict.
+
+    Raises:
+        InputError: naming the file, when it is not a JSON object.
+    """
+    file = folder / CONFIG_FILE
+    try:
+        settings = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(file, f"not valid JSON ({e})") from None
+    if not isinstance(settings, dict):
+        raise InputError(file, "not a JSON object")
+    return settings
+
+
+def adapter_base(folder: Path) -> Path:
+    """The base model folder an adapter names (`base_model_name_or_path`), as PEFT loads it.
+
+    Raises:
+        InputError: the field is missing or does not name a model folder on this machine.
+    """
+    named = adapter_config(folder).get("base_model_name_or_path")
+    base = Path(named) if isinstance(named, str) and named else None
+    if base is None or not (base / "config.json").is_file():
+        raise InputError(
+            folder / CONFIG_FILE,
+            f"base_model_name_or_path {named!r} is not a model folder here: give the adapter's base",
+        )
+    return base
+
+
 def matches(key: str, module: str) -> bool:
     """Whether PEFT's `key` (an alpha_pattern key, a feedforward_modules entry) names the module
     at path `module`: a regex matching its last components."""
@@ -117,7 +149,7 @@ class AdapterCheckpoint(TensorSet):
         self.base = base
         self.config = base.config
         self.carried: list[Path] = []
-        self.settings = self._read_config()
+        self.settings = adapter_config(self.path)
         weights = next((self.path / n for n in WEIGHT_FILES if (self.path / n).is_file()), None)
         if weights is None:
             raise InputError(self.path, f"adapter folder without weights (expected {WEIGHT_FILES[0]})")
@@ -130,21 +162,12 @@ class AdapterCheckpoint(TensorSet):
             )
         self._check_architecture()
         self.deltas = self._lora_deltas() if self.kind == "lora" else self._ia3_deltas()
+        self._lora: dict[str, Delta | None] = {}
         # the dense expert's tensors: the base's names, shapes and dtypes (no file offset, so
         # nothing takes them for the base's own bytes)
         self.infos = {n: TensorInfo(n, i.shape, i.dtype, self.weights.path) for n, i in base.infos.items()}
 
     # reading the adapter
-    def _read_config(self) -> dict[str, Any]:
-        file = self.path / CONFIG_FILE
-        try:
-            settings = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(file, f"not valid JSON ({e})") from None
-        if not isinstance(settings, dict):
-            raise InputError(file, "not a JSON object")
-        return settings
-
     def _check_architecture(self) -> None:
         wanted = (self.settings.get("auto_mapping") or {}).get("base_model_class")
         have = (self.base.config or {}).get("architectures") or []
@@ -293,14 +316,27 @@ class AdapterCheckpoint(TensorSet):
     def lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """(B [m, r], A [r, n], s) with tau(name) = s B A, as stored, when the adapter's whole
         update of base tensor `name` is one LoRA product; None otherwise."""
-        deltas = self.deltas.get(name, ())
-        lora = [d for d in deltas if d.kind in ("lora", "lora_embedding")]
-        # PEFT saves a targeted embedding layer whole as well: as the base has it, it adds nothing
-        same = [d for d in deltas if d.kind == "whole" and self._as_in_base(d.tensors[0], name)]
-        if len(lora) != 1 or len(lora) + len(same) != len(deltas):
+        lora = self._only_lora(name)
+        if lora is None:
             return None
-        b, a = (self.weights.read(t) for t in lora[0].tensors)
-        return (a.t(), b.t(), lora[0].scale) if lora[0].transpose else (b, a, lora[0].scale)
+        b, a = (self.weights.read(t) for t in lora.tensors)
+        return (a.t(), b.t(), lora.scale) if lora.transpose else (b, a, lora.scale)
+
+    def lora_rank(self, name: str) -> int | None:
+        """r of `lora_factors(name)` from the adapter's header (None where that is None)."""
+        lora = self._only_lora(name)
+        return None if lora is None else self.weights.infos[lora.tensors[1]].shape[0]
+
+    def _only_lora(self, name: str) -> Delta | None:
+        """The LoRA Delta of base tensor `name` when it is the adapter's whole update of it
+        (found once per tensor)."""
+        if name not in self._lora:
+            deltas = self.deltas.get(name, ())
+            lora = [d for d in deltas if d.kind in ("lora", "lora_embedding")]
+            # PEFT saves a targeted embedding layer whole as well: as the base has it, it adds nothing
+            same = [d for d in deltas if d.kind == "whole" and self._as_in_base(d.tensors[0], name)]
+            self._lora[name] = lora[0] if len(lora) == 1 and len(lora) + len(same) == len(deltas) else None
+        return self._lora[name]
 
     def ia3_scaling(self, name: str) -> tuple[torch.Tensor, int] | None:
         """(l - 1, axis) with tau(name) = W0 * (l - 1) broadcast along `axis` of the [m, n] view of

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import torch
 
-from supermerge.kernels.lowrank import lowrank_coefficient_grad, lowrank_merge_
+from supermerge.kernels.lowrank import lowrank_coefficient_grad, lowrank_merge_into
 from supermerge.learned.body import WholeBody
 from supermerge.learned.coefficients import CoefficientLayout
 from supermerge.taskvectors.lowrank_store import LowRankStore
@@ -28,7 +28,7 @@ class LowRankBody(WholeBody):
 
     Args:
         store: base, factors and dense task vectors.
-        layout, init, impl: as for Body (impl is unused: the GEMMs are torch's).
+        layout, init, impl: as for Body (impl picks the low-rank kernels, `kernels.lowrank`).
     """
 
     def __init__(
@@ -56,12 +56,14 @@ class LowRankBody(WholeBody):
         base = dict(self._per_tensor(self.store.base_flat))
         for t, view in self._per_tensor(out):
             part, c = self.store.tensors[t], coefficients[:, t]
-            merged = view if view.dtype == torch.float32 else torch.empty(view.shape)
-            merged.copy_(base[t])
+            merged = view if view.dtype == torch.float32 else torch.empty(view.shape, device=view.device)
+            if part.lowrank:  # base + the factors' product in one GEMM, then the rest in place
+                c_lowrank = c[part.lowrank] * part.scales
+                lowrank_merge_into(merged, base[t], part.b, part.a, c_lowrank, part.rank_offsets, self.impl)
+            else:
+                merged.copy_(base[t])
             for i, tau in zip(part.dense, part.taus, strict=True):
                 merged.add_(tau.reshape(merged.shape), alpha=float(c[i]))
-            if part.lowrank:
-                lowrank_merge_(merged, part.b, part.a, c[part.lowrank] * part.scales, part.rank_offsets)
             if part.rows:
                 merged.addcmul_(base[t], (c[part.rows] @ part.row_vectors.float())[:, None])
             if part.cols:
@@ -79,7 +81,7 @@ class LowRankBody(WholeBody):
             for i, tau in zip(part.dense, part.taus, strict=True):
                 d_coefficients[i, t] += (g * tau.reshape(g.shape).float()).sum()
             if part.lowrank:
-                d = lowrank_coefficient_grad(g, part.b, part.a, part.rank_offsets) * part.scales
+                d = lowrank_coefficient_grad(g, part.b, part.a, part.rank_offsets, self.impl) * part.scales
                 d_coefficients[part.lowrank, t] += d
             if part.rows or part.cols:
                 weighted = g * base[t].float()

@@ -22,11 +22,11 @@ from supermerge.config import DistributedSpec, MergeConfig
 from supermerge.distributed.body import ShardedBody
 from supermerge.distributed.comm import Comm
 from supermerge.distributed.layer_gather import find_units
-from supermerge.distributed.plan import ShardPlan
+from supermerge.distributed.plan import ShardPlan, row_length
+from supermerge.distributed.stores.lowrank import LowRankShardStore, held_rank
 from supermerge.distributed.stores.nvme import NvmeShardStore
 from supermerge.distributed.stores.resident import ShardStore
 from supermerge.distributed.stores.zero import ZeroShardStore
-from supermerge.io.adapters import AdapterCheckpoint
 from supermerge.io.checkpoint import Checkpoint, Tensors
 from supermerge.io.memory import peak_rss_bytes
 from supermerge.io.output import output_bytes, write_tensors
@@ -124,6 +124,10 @@ def shard_plan(
     """The plan of `source`'s merged tensors (headers only) for `tasks` over `ranks` ranks;
     `module` (the task model's skeleton) gives the gather units of layer mode."""
     names, infos = list(source.names), source.base.infos
+    held, row_lengths = (), ()
+    if spec.offload == "none" and source.has_adapters:
+        held = tuple(tuple(held_rank(source, n, i) for i in range(source.k)) for n in names)
+        row_lengths = tuple(row_length(infos[n].shape) for n in names)
     largest = 0
     if spec.gather == "layer":
         largest = max(u.numel for u in find_units(module, names, [infos[n].shape for n in names]))
@@ -142,6 +146,8 @@ def shard_plan(
         largest_unit=largest,
         prefetch_elements=spec.prefetch_elements,
         gather_ahead=spec.gather_ahead,
+        held=held,
+        row_lengths=row_lengths,
     )
 
 
@@ -155,12 +161,12 @@ def build_body(
     progress: bool,
 ) -> Body:
     """One process: the whole store (PEFT adapters kept as their factors or vectors); several ranks (or
-    offload): this rank's shard of the plan, with `task_groups` task groups (adapters as dense
-    task vectors)."""
+    layer gathers): this rank's shard of the plan, with `task_groups` task groups (LoRA adapters
+    kept as their factors); offloaded: dense task vectors streamed."""
     spec, dtype, device = inputs.cfg.distributed, inputs.storage_dtype, inputs.device
     impl = inputs.params.impl
     if comm.size == 1 and spec.offload == "none" and spec.gather == "body":
-        if any(isinstance(e.checkpoint, AdapterCheckpoint) for e in source.experts):
+        if source.has_adapters:
             return LowRankBody(LowRankStore.build(source, dtype, device, progress), layout, init, impl)
         return MergedBody(TaskVectorStore.build(source, dtype, device, progress), layout, init, impl)
     tasks = [e.name for e in source.experts]
@@ -175,7 +181,8 @@ def build_body(
         else Comm(None, [comm.global_rank], 0, comm.stats, f"shard{p}")
     )
     if spec.offload == "none":
-        store = ShardStore.build(source, plan, comm.rank, dtype, device, progress)
+        shards = LowRankShardStore if source.has_adapters else ShardStore
+        store = shards.build(source, plan, comm.rank, dtype, device, progress)
     elif spec.offload == "cpu":
         store = ZeroShardStore.build(source, plan, comm.rank, dtype, device, spec.prefetch_elements, progress)
     else:

@@ -108,6 +108,26 @@ class LowRankStore:
         return split_flat(flat, self.names, self.shapes)
 
 
+def side_by_side(
+    bs: list[torch.Tensor],
+    as_: list[torch.Tensor],
+    scales: list[float],
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    device: str | torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Experts' factors B_i [m, r_i], A_i [r_i, n] and scales as (B [m, R], A [R, n], scales
+    [len] float32, rank_offsets [len + 1] int64), empty ones for no expert; shape is (m, n)."""
+    m, n = shape
+    ranks = [b.shape[1] for b in bs]
+    return (
+        torch.cat(bs, dim=1) if bs else torch.empty(m, 0, dtype=dtype, device=device),
+        torch.cat(as_, dim=0) if as_ else torch.empty(0, n, dtype=dtype, device=device),
+        torch.tensor(scales, dtype=torch.float32, device=device),
+        torch.tensor([0, *ranks], dtype=torch.int64, device=device).cumsum(0),
+    )
+
+
 def _tensor_updates(
     source: TaskVectorSource, name: str, base: torch.Tensor, dtype: torch.dtype, device: str | torch.device
 ) -> LowRankTensor:
@@ -139,17 +159,17 @@ def _tensor_updates(
                 taus.append(tau.to(device, dtype))
             continue
         source.bytes_read += adapter.adapter_bytes(name)
-    ranks = [b.shape[1] for b in bs]
 
     def stacked(vectors: list[torch.Tensor], size: int) -> torch.Tensor:
         return torch.stack(vectors) if vectors else torch.empty(0, size, dtype=dtype, device=device)
 
+    b, a, scales_t, rank_offsets = side_by_side(bs, as_, scales, (m, n), dtype, device)
     return LowRankTensor(
         lowrank=lowrank,
-        b=torch.cat(bs, dim=1) if bs else torch.empty(m, 0, dtype=dtype, device=device),
-        a=torch.cat(as_, dim=0) if as_ else torch.empty(0, n, dtype=dtype, device=device),
-        scales=torch.tensor(scales, dtype=torch.float32, device=device),
-        rank_offsets=torch.tensor([0, *ranks], dtype=torch.int64, device=device).cumsum(0),
+        b=b,
+        a=a,
+        scales=scales_t,
+        rank_offsets=rank_offsets,
         rows=scaled[0][0],
         row_vectors=stacked(scaled[0][1], m),
         cols=scaled[1][0],

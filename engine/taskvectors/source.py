@@ -126,6 +126,11 @@ class TaskVectorSource:
         return len(self.experts)
 
     @property
+    def has_adapters(self) -> bool:
+        """Whether any expert is a PEFT adapter."""
+        return any(isinstance(e.checkpoint, AdapterCheckpoint) for e in self.experts)
+
+    @property
     def merged_dtype(self) -> torch.dtype:
         """dtype of the merged body: the base's, or float32 where its tensors' dtypes differ."""
         dtypes = {self.base.infos[n].dtype for n in self.names}

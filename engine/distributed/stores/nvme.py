@@ -33,7 +33,7 @@ import torch
 
 from supermerge.distributed.comm import prefer_this_environments_tools
 from supermerge.distributed.plan import ShardPlan, layer_groups
-from supermerge.distributed.stores.resident import Chunk, ShardLayout, read_shard
+from supermerge.distributed.stores.resident import Chunk, ShardLayout, dense_parts, read_shard
 from supermerge.errors import ConfigError, SupermergeError
 from supermerge.io.memory import nbytes
 from supermerge.taskvectors.source import TaskVectorSource
@@ -143,7 +143,8 @@ class NvmeShardStore(ShardLayout):
                 block = next(pending, None)
 
         try:
-            layout["base_piece"] = read_shard(source, plan, rank, rows, put, device, progress)
+            take = dense_parts(source, rows, put)
+            layout["base_piece"] = read_shard(source, plan, rank, take, device, progress)
         except BaseException:
             _release(handle, buffers, path)
             raise

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from supermerge.distributed.plan import ShardPlan
+from supermerge.distributed.plan import Segment, ShardPlan
 from supermerge.io.memory import nbytes
+from supermerge.kernels import grouped_weighted_sum
 from supermerge.taskvectors.source import TaskVectorSource
 from supermerge.taskvectors.store import split_flat
 
@@ -28,32 +29,52 @@ def read_shard(
     source: TaskVectorSource,
     plan: ShardPlan,
     rank: int,
-    rows: list[int],
-    put: Callable[[int, int, torch.Tensor], None],
+    take: Callable[[Segment, torch.Tensor, int, int], None],
     device: torch.device,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Read `rank`'s layer shard of the `rows` task vectors, one tensor part at a time.
+    """Read `rank`'s layer shard, one tensor part at a time.
 
-    Calls put(a, b, tau) for each part, in order: tau [len(rows), b - a] (storage dtype, CPU)
-    holds the part's task vectors, [a, b) its place in the layer shard. Returns the rank's base
+    Calls take(segment, base, a, b) for each part, in order: base [hi - lo] is the base over the
+    part (its dtype, CPU), [a, b) the part's place in the layer shard. Returns the rank's base
     piece [S] (fp32 on `device`, zero beyond N).
     """
     p, _ = plan.coords(rank)
     piece_lo = rank * plan.piece - plan.shard_range(p)[0]  # this rank's piece, within the shard
     base_piece = torch.zeros(plan.piece, dtype=torch.float32, device=device)
     for seg in tqdm(plan.segments(p), desc=f"rank {rank} shard", unit="tensor", disable=not progress):
-        name = source.names[seg.tensor]
-        base = source.read_base(name, (seg.lo, seg.hi))
+        base = source.read_base(source.names[seg.tensor], (seg.lo, seg.hi))
         a, b = seg.start, seg.start + seg.hi - seg.lo
-        tau = torch.empty(len(rows), b - a, dtype=source.storage_dtype)
-        for j, i in enumerate(rows):
-            tau[j] = source.task_vector(name, base, i, (seg.lo, seg.hi))
-        put(a, b, tau)
+        take(seg, base, a, b)
         lo, hi = max(a, piece_lo), min(b, piece_lo + plan.piece)
         if lo < hi:
             base_piece[lo - piece_lo : hi - piece_lo] = base[lo - a : hi - a].to(device)
     return base_piece
+
+
+def dense_parts(
+    source: TaskVectorSource, rows: list[int], put: Callable[[int, int, torch.Tensor], None]
+) -> Callable[[Segment, torch.Tensor, int, int], None]:
+    """A `read_shard` take that reads the `rows` task vectors of each part and calls put(a, b,
+    tau): tau [len(rows), b - a] (storage dtype, CPU)."""
+
+    def take(seg: Segment, base: torch.Tensor, a: int, b: int) -> None:
+        name = source.names[seg.tensor]
+        tau = torch.empty(len(rows), b - a, dtype=source.storage_dtype)
+        for j, i in enumerate(rows):
+            tau[j] = source.task_vector(name, base, i, (seg.lo, seg.hi))
+        put(a, b, tau)
+
+    return take
+
+
+def tau_weighted_sum(tau: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, impl: str) -> torch.Tensor:
+    """[n] fp32 sum over the rows of tau [k_q, n] of tanh(w) x tau, w [k_q, T_c] one column per
+    segment (offsets [T_c + 1]); differentiable w.r.t. w (the fused kernel `impl`)."""
+    if tau.shape[1] == 0:
+        return torch.zeros(0, device=tau.device)
+    zero = torch.zeros(tau.shape[1], dtype=torch.float32, device=tau.device)
+    return grouped_weighted_sum(zero, tau, w, offsets, impl)
 
 
 @dataclass
@@ -156,8 +177,13 @@ class ShardStore(ShardLayout):
         def put(a: int, b: int, tau: torch.Tensor) -> None:
             tau_local[:, a:b] = tau
 
-        base_piece = read_shard(source, plan, rank, rows, put, device, progress)
+        base_piece = read_shard(source, plan, rank, dense_parts(source, rows, put), device, progress)
         return cls(**cls.fields(source, plan, rank, rows, base_piece), tau_local=tau_local)
+
+    def weighted_sum(self, w: torch.Tensor, impl: str) -> torch.Tensor:
+        """[n] fp32 sum over the task group of tanh(w) x tau over the layer shard, differentiable
+        w.r.t. w [k_q, T_p] (one column per segment; the fused kernel `impl`)."""
+        return tau_weighted_sum(self.tau_local, w, self.offsets, impl)
 
     @property
     def task_vector_bytes(self) -> int:

@@ -29,7 +29,7 @@ import torch
 
 from supermerge.distributed.comm import prefer_this_environments_tools, quiet_renamed_collectives
 from supermerge.distributed.plan import ShardPlan, layer_groups
-from supermerge.distributed.stores.resident import Chunk, ShardLayout, read_shard
+from supermerge.distributed.stores.resident import Chunk, ShardLayout, dense_parts, read_shard
 from supermerge.errors import SupermergeError
 from supermerge.io.memory import nbytes
 from supermerge.taskvectors.source import TaskVectorSource
@@ -122,7 +122,7 @@ class ZeroShardStore(ShardLayout):
                 p.ds_tensor[a:b] = tau[i]
 
         rows = list(range(source.k))
-        base_piece = read_shard(source, plan, rank, rows, put, device, progress)
+        base_piece = read_shard(source, plan, rank, dense_parts(source, rows, put), device, progress)
         layout = cls.fields(source, plan, rank, rows, base_piece)
         return cls(**layout, params=params, device=device, chunk_elements=chunk_elements, holder=holder)
 

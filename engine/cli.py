@@ -1,4 +1,4 @@
-"""The `supermerge` command: merge, convert, plan, methods, suite, finetune, evaluate, demo.
+"""The `supermerge` command: merge, convert, plan, methods, suite, finetune, evaluate, compare, demo.
 
 `supermerge merge` runs as one process, or on many under torchrun, `deepspeed` or
 `accelerate launch` (see launch/README.md); `python -m supermerge` is the same command.
@@ -15,8 +15,12 @@ import faulthandler
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from supermerge.errors import SupermergeError
+
+if TYPE_CHECKING:
+    from supermerge.io.completions import Template
 
 log = logging.getLogger("supermerge")
 
@@ -91,22 +95,28 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _template(args: argparse.Namespace) -> Template | None:
+    """--prompt-template / --completion-template as a Template (None: neither given)."""
+    from supermerge.io.completions import Template  # noqa: F811 (the CLI imports lazily)
+
+    if args.prompt_template is not None:
+        completion = " {label}" if args.completion_template is None else args.completion_template
+        return Template(args.prompt_template, completion)
+    if args.completion_template is not None:
+        raise SupermergeError("--completion-template needs --prompt-template")
+    return None
+
+
 def _suite(args: argparse.Namespace, causal: bool = False) -> dict:
     """The suite's task files (only --tasks when given): classification task files for an encoder,
     generative ones (`read_completion_suite`, text/label rows posed by --prompt-template and
     --completion-template) for a causal LM; for an encoder, the causal-LM flags are refused."""
-    from supermerge.io.completions import Template, read_completion_suite
+    from supermerge.io.completions import read_completion_suite
     from supermerge.io.taskfile import read_suite
 
     lm_flags = ("chat", "prompt_template", "completion_template", "max_new_tokens")
     if causal:
-        template = None
-        if args.prompt_template is not None:
-            completion = " {label}" if args.completion_template is None else args.completion_template
-            template = Template(args.prompt_template, completion)
-        elif args.completion_template is not None:
-            raise SupermergeError("--completion-template needs --prompt-template")
-        tasks = read_completion_suite(args.suite, template=template)
+        tasks = read_completion_suite(args.suite, template=_template(args))
     else:
         given = [f"--{f.replace('_', '-')}" for f in lm_flags if getattr(args, f, None) not in (None, False)]
         if given:
@@ -232,6 +242,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cache=args.cache,
         suite=suite,
     )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from supermerge.demo.compare import CompareSettings, run_compare, user_suite
+    from supermerge.demo.finetune import default_base
+    from supermerge.demo.lm_finetune import is_causal_lm
+    from supermerge.io.paths import check_apart
+
+    base = Path(args.base) if args.base else default_base()
+    causal = is_causal_lm(base)
+    if args.lora and not causal:
+        raise SupermergeError(f"--lora: for causal-LM models only ({base} is not one)")
+    if args.seeds < 1:
+        raise SupermergeError(f"--seeds: at least 1, got {args.seeds}")
+    reads = [("the suite", Path(args.suite)), ("the base model", base)]
+    check_apart(Path(args.workdir), reads, "compare workdir")
+    tasks = _suite(args, causal)
+    cache = Path(args.cache).resolve()
+    progress = not args.quiet
+    how = {"lora": args.lora, "chat": args.chat, "template": _template(args) if causal else None}
+    base_label = "MiniLM-L6" if args.base is None else base.name
+    suite = user_suite(base, tasks, causal, cache, progress, f"{base_label} on {args.suite}", **how)
+    settings = CompareSettings(tuple(range(args.seeds)), tuple(args.methods) if args.methods else None)
+    run_compare(suite, Path(args.workdir), settings, progress)
     return 0
 
 
@@ -374,6 +411,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--json", help="also write the accuracies to this JSON file")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    compare = sub.add_parser(
+        "compare",
+        help="compare every merge method on your own suite, over seeds",
+        description="Fine-tune one expert per task of SUITE on BASE (cached), merge them with every "
+        "method (training-free parameters picked on validation; AdaMerging, SuperMerge flat and "
+        "hierarchical) once per seed, and print mean test accuracy per method over the seeds with "
+        "its spread, calling a gap to the best within the spread noise; writes results.json, "
+        "accuracy.png and each seed's merges under --workdir.",
+    )
+    compare.add_argument("--suite", required=True, help="folder of <task>.jsonl task files")
+    compare.add_argument("--base", help="base model folder (default: the built-in MiniLM-L6)")
+    compare.add_argument("--tasks", nargs="+", help="only these tasks")
+    compare.add_argument("--methods", nargs="+", help="only these methods (e.g. ties supermerge)")
+    compare.add_argument("--seeds", type=int, default=3, help="merge seeds 0..N-1 (default 3)")
+    compare.add_argument("--lora", action="store_true", help="causal LM: LoRA experts")
+    compare.add_argument("--workdir", default="runs/compare", help="where results and merges go")
+    compare.add_argument("--cache", default="runs/cache", help="where experts are kept")
+    _add_prompt_arguments(compare)
+    compare.set_defaults(func=cmd_compare)
 
     demo = sub.add_parser(
         "demo",

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from supermerge.demo.run import PICKED, DemoSuite
+from supermerge.io.completions import CompletionTaskFile, Template
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,6 @@ def llm_demo_suite(
     built-in ones (tests)."""
     from supermerge.demo.llm_base import smollm2_base
     from supermerge.demo.llm_suite import LLMSuiteSettings, build_llm_suite
-    from supermerge.demo.lm_evaluate import evaluate_lm
-    from supermerge.demo.lm_finetune import LMFinetuneConfig, LMLoraFinetuneConfig, finetune_lm_suite
     from supermerge.io.completions import read_completion_suite
 
     settings = settings or (LLM_QUICK if quick else LLM_REAL)
@@ -102,7 +101,31 @@ def llm_demo_suite(
     folder = build_llm_suite(cache, progress, suite_settings, source)
     tasks = read_completion_suite(folder, settings.validation_size)
     timings["llm_suite"] = time.perf_counter() - start
-    chat = suite_settings.chat
+    kind = "LoRA experts" if lora else "experts"
+    title = f"{base.name} {kind} on {len(tasks)} generative tasks{' (quick)' if quick else ''}"
+    suite = lm_experts_suite(base, tasks, cache, settings, suite_settings.chat, lora, progress, title)
+    suite.timings = timings | suite.timings
+    return suite
+
+
+def lm_experts_suite(
+    base: Path,
+    tasks: dict[str, CompletionTaskFile],
+    cache: Path,
+    settings: LLMDemoSettings,
+    chat: bool,
+    lora: bool,
+    progress: bool,
+    title: str,
+    template: Template | None = None,
+) -> DemoSuite:
+    """Causal-LM experts of `base` fine-tuned on `tasks` (cached; LoRA adapters with `lora`), each
+    scored on its own test split, and the DemoSuite that merges them with `settings`' methods
+    (`template`: how text/label task files were posed, passed on to the merges)."""
+    from supermerge.demo.lm_evaluate import evaluate_lm
+    from supermerge.demo.lm_finetune import LMFinetuneConfig, LMLoraFinetuneConfig, finetune_lm_suite
+
+    timings = {}
     start = time.perf_counter()
     common = {"epochs": settings.epochs, "max_length": settings.max_length, "train_size": None, "chat": chat}
     if lora:
@@ -124,12 +147,15 @@ def llm_demo_suite(
         experts |= accuracy(path, "test", {task: tasks[task]})
     timings["experts_test"] = time.perf_counter() - start
     config = {
-        "base": str(base),
-        "experts": [{"name": t, "path": str(p), "data": str(tasks[t].path)} for t, p in paths.items()],
+        "base": str(base.resolve()),  # (the merges run from their own folders)
+        "experts": [
+            {"name": t, "path": str(p.resolve()), "data": str(Path(tasks[t].path).resolve())}
+            for t, p in paths.items()
+        ],
         "model": {"kind": "hf_causal_lm", "max_length": settings.max_length, "chat_template": chat},
     }
-    kind = "LoRA experts" if lora else "experts"
-    title = f"{base.name} {kind} on {len(tasks)} generative tasks{' (quick)' if quick else ''}"
+    if template is not None:
+        config["model"] |= {"prompt_template": template.prompt, "completion_template": template.completion}
     learned = {
         label: method | {"targets_cache": str(cache / "distill_targets")}
         if method.get("objective") in ("distill", PICKED)

@@ -155,8 +155,7 @@ def real_demo_suite(
 
     `tasks` replaces the built-in suite (e.g. a tuning suite whose test split is held-out train).
     """
-    from supermerge.demo.evaluate import evaluate_model
-    from supermerge.demo.finetune import default_base, finetune_suite
+    from supermerge.demo.finetune import default_base
     from supermerge.demo.suite import build_builtin_suite
     from supermerge.io.taskfile import read_suite
 
@@ -167,8 +166,20 @@ def real_demo_suite(
         tasks = {t: tasks[t] for t in settings.tasks}
     elif quick:
         tasks = dict(list(tasks.items())[:3])
+    title = f"MiniLM-L6 experts on {len(tasks)} real text tasks{' (quick)' if quick else ''}"
+    return encoder_experts_suite(default_base(), tasks, cache, settings, progress, title)
+
+
+def encoder_experts_suite(
+    base: Path, tasks: dict, cache: Path, settings: RealDemoSettings, progress: bool, title: str
+) -> DemoSuite:
+    """Encoder experts of `base` fine-tuned on the classification `tasks` (cached), each scored on
+    its own test split, and the DemoSuite that merges them with `settings`' methods."""
+    from supermerge.demo.evaluate import evaluate_model
+    from supermerge.demo.finetune import finetune_suite
+
     start = time.perf_counter()
-    paths = finetune_suite(default_base(), tasks, cache, settings.finetune, progress)
+    paths = finetune_suite(base, tasks, cache, settings.finetune, progress)
     timings = {"finetune": time.perf_counter() - start}
     start = time.perf_counter()
     experts = {}
@@ -176,12 +187,14 @@ def real_demo_suite(
         experts |= evaluate_model(path, {task: tasks[task]}, max_length=settings.max_length, progress=False)
     timings["experts_test"] = time.perf_counter() - start
     config = {
-        "base": str(default_base()),
-        "experts": [{"name": t, "path": str(p), "data": str(tasks[t].path)} for t, p in paths.items()],
+        "base": str(base.resolve()),  # (the merges run from their own folders)
+        "experts": [
+            {"name": t, "path": str(p.resolve()), "data": str(Path(tasks[t].path).resolve())}
+            for t, p in paths.items()
+        ],
         "model": {"kind": "hf_encoder", "max_length": settings.max_length},
         "heads": ["classifier.*"],
     }
-    title = f"MiniLM-L6 experts on {len(tasks)} real text tasks{' (quick)' if quick else ''}"
     suite = DemoSuite(
         title, config,
         lambda d, split: evaluate_model(d, tasks, split, max_length=settings.max_length, progress=False),
@@ -264,6 +277,11 @@ def run_demo(
     return results
 
 
+def normalised(mean: float, expert_mean: float) -> float:
+    """A merge's mean accuracy over the experts' own (NaN when the experts score 0)."""
+    return mean / expert_mean if expert_mean > 0 else float("nan")
+
+
 def _mean(accuracy: dict[str, float]) -> float:
     return sum(accuracy.values()) / len(accuracy)
 
@@ -304,6 +322,6 @@ def _print_table(title: str, experts: dict[str, float], rows: dict[str, dict]) -
         mean = sum(acc.values()) / len(acc)
         print(
             f"{method:28s}" + "".join(f"{acc[t]:7.3f}" for t in tasks)
-            + f"{mean:7.3f}{mean / expert_mean:7.3f}{row['seconds']:8.1f}"
+            + f"{mean:7.3f}{normalised(mean, expert_mean):7.3f}{row['seconds']:8.1f}"
             + f"{row['peak_tensor_bytes'] / 1024:10.0f}  {json.dumps(row['params'])}"
         )  # fmt: skip

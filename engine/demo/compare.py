@@ -5,7 +5,8 @@ the cache; `supermerge finetune`'s experts, LoRA adapters with `lora`), then, on
 method merges them through `supermerge merge`'s code path (training-free parameters picked on
 validation, learned merges; `supermerge.demo.run.run_demo`, under `<workdir>/seed-<s>/`) and is
 scored on test. The seed is the merge config's `seed`: it draws the learned merges' validation
-subsets and DARE's random drops. The report gives, per method, the mean test accuracy over the
+subsets (where a task has more validation rows than `validation_size`), their batch order and
+DARE's random drops. The report gives, per method, the mean test accuracy over the
 seeds and its spread (the sample standard deviation), and calls a method whose mean lies within
 the larger of its and the best method's spread of the best one "noise": the suite cannot tell
 them apart. Encoder bases (classification task files) get the real demo's settings, causal LMs
@@ -19,7 +20,7 @@ import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from supermerge.demo.run import DemoSuite, normalised, run_demo
+from supermerge.demo.run import REAL, DemoSuite, encoder_experts_suite, normalised, run_demo
 from supermerge.errors import SupermergeError
 from supermerge.io.completions import Template
 from supermerge.learned.report import plot_accuracy_bars
@@ -58,8 +59,6 @@ def user_suite(
 
         title = f"{'LoRA experts' if lora else 'experts'}: {name}, {len(tasks)} tasks"
         return lm_experts_suite(base, tasks, cache, LLM_REAL, chat, lora, progress, title, template)
-    from supermerge.demo.run import REAL, encoder_experts_suite
-
     title = f"experts: {name}, {len(tasks)} tasks"
     return encoder_experts_suite(base, tasks, cache, REAL, progress, title)
 

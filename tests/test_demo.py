@@ -23,6 +23,9 @@ def test_demo_runs_every_method_and_supermerge_wins(tmp_path: Path, capsys, monk
     assert abs(mean["supermerge (tree, g=2)"] - mean["supermerge"]) < 0.05
     assert (workdir / "accuracy.png").stat().st_size > 0
     assert Path(results["methods"]["supermerge"]["heatmap"]).is_file()
+    stages = {k: v for k, v in results["seconds"].items() if k != "total"}  # each timed where it ran
+    assert set(stages) == {"suite", *mean} and all(v >= 0 for v in stages.values())
+    assert sum(stages.values()) <= results["seconds"]["total"]
 
 
 def test_llm_demo_runs_every_method_on_tiny_causal_lms(tmp_path: Path, capsys, monkeypatch) -> None:

@@ -20,7 +20,6 @@ if anything favoured).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import tempfile
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from bench_lowrank_store import PROJECTIONS, gib, step_seconds
+from bench_lowrank_store import PROJECTIONS, gib, llama_layers, step_seconds
 from bench_merge_vs_mergekit import cpu_model
 from transformers import LlamaConfig
 
@@ -52,8 +51,7 @@ def write_base(
     from transformers import LlamaForCausalLM
 
     head_dim = 64
-    per_layer = 2 * hidden * hidden + 2 * kv * hidden + 3 * hidden * intermediate + 2 * hidden
-    layers = max(1, math.ceil((params - 2 * vocab * hidden) / per_layer))
+    layers = llama_layers(params, hidden, intermediate, kv, vocab)
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=hidden // head_dim, num_key_value_heads=kv // head_dim, tie_word_embeddings=False,

@@ -33,12 +33,17 @@ from supermerge.taskvectors.store import TaskVectorStore
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def llama_layers(params: float, hidden: int, intermediate: int, kv: int, vocab: int) -> int:
+    """Decoder layers of a Llama model (untied embeddings) with at least `params` parameters."""
+    per_layer = 2 * hidden * hidden + 2 * kv * hidden + 3 * hidden * intermediate + 2 * hidden
+    return max(1, math.ceil((params - 2 * vocab * hidden) / per_layer))
+
+
 def llama_shapes(
     params: float, hidden: int, intermediate: int, kv: int, vocab: int
 ) -> dict[str, tuple[int, ...]]:
     """name -> shape of a Llama model with at least `params` parameters."""
-    per_layer = 2 * hidden * hidden + 2 * kv * hidden + 3 * hidden * intermediate + 2 * hidden
-    layers = max(1, math.ceil((params - 2 * vocab * hidden) / per_layer))
+    layers = llama_layers(params, hidden, intermediate, kv, vocab)
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."

@@ -107,6 +107,13 @@ def _template(args: argparse.Namespace) -> Template | None:
     return None
 
 
+def _causal_only(base: object, causal: bool, flags: dict[str, bool]) -> None:
+    """Refuse each flag given (True) for a base that is not a causal LM, naming the base."""
+    for flag, given in flags.items():
+        if given and not causal:
+            raise SupermergeError(f"{flag}: for causal-LM models only ({base} is not one)")
+
+
 def _suite(args: argparse.Namespace, causal: bool = False) -> dict:
     """The suite's task files (only --tasks when given): classification task files for an encoder,
     generative ones (`read_completion_suite`, text/label rows posed by --prompt-template and
@@ -152,9 +159,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     base = Path(args.base) if args.base else default_base()
     causal = is_causal_lm(base)
-    for flag, value in (("--device", args.device != "cpu"), ("--lora", args.lora)):
-        if value and not causal:
-            raise SupermergeError(f"{flag}: for causal-LM models only ({base} is not one)")
+    _causal_only(base, causal, {"--device": args.device != "cpu", "--lora": args.lora})
     for flag in ("lora_rank", "lora_alpha"):
         if getattr(args, flag) is not None and not args.lora:
             raise SupermergeError(f"--{flag.replace('_', '-')}: give --lora too")
@@ -255,8 +260,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     base = Path(args.base) if args.base else default_base()
     causal = is_causal_lm(base)
-    if args.lora and not causal:
-        raise SupermergeError(f"--lora: for causal-LM models only ({base} is not one)")
+    _causal_only(base, causal, {"--lora": args.lora})
     if args.seeds < 1:
         raise SupermergeError(f"--seeds: at least 1, got {args.seeds}")
     reads = [("the suite", Path(args.suite)), ("the base model", base)]

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from supermerge.demo.run import PICKED, DemoSuite
+from supermerge.demo.run import PICKED, DemoSuite, expert_entries
 from supermerge.io.completions import CompletionTaskFile, Template
 
 
@@ -148,10 +148,7 @@ def lm_experts_suite(
     timings["experts_test"] = time.perf_counter() - start
     config = {
         "base": str(base.resolve()),  # (the merges run from their own folders)
-        "experts": [
-            {"name": t, "path": str(p.resolve()), "data": str(Path(tasks[t].path).resolve())}
-            for t, p in paths.items()
-        ],
+        "experts": expert_entries(paths, tasks),
         "model": {"kind": "hf_causal_lm", "max_length": settings.max_length, "chat_template": chat},
     }
     if template is not None:

@@ -260,16 +260,15 @@ def load_lm(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(model_dir)
-    weights = model_dir
-    if is_adapter(model_dir):
-        weights = adapter_base(model_dir)
-    elif not (model_dir / "config.json").is_file():
+    adapter = is_adapter(model_dir)
+    if not adapter and not (model_dir / "config.json").is_file():
         raise InputError(model_dir, "no config.json: not a model folder")
+    weights = adapter_base(model_dir) if adapter else model_dir
     has_tokenizer = (model_dir / "tokenizer_config.json").is_file()
     with hf_progress(progress):
         tokenizer = AutoTokenizer.from_pretrained(model_dir if has_tokenizer else weights)
         model = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype)
-        if weights != model_dir:
+        if adapter:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, model_dir).merge_and_unload()

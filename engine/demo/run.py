@@ -196,10 +196,7 @@ def encoder_experts_suite(
     timings["experts_test"] = time.perf_counter() - start
     config = {
         "base": str(base.resolve()),  # (the merges run from their own folders)
-        "experts": [
-            {"name": t, "path": str(p.resolve()), "data": str(Path(tasks[t].path).resolve())}
-            for t, p in paths.items()
-        ],
+        "experts": expert_entries(paths, tasks),
         "model": {"kind": "hf_encoder", "max_length": settings.max_length},
         "heads": ["classifier.*"],
     }
@@ -210,6 +207,15 @@ def encoder_experts_suite(
     )  # fmt: skip
     suite.timings = timings
     return suite
+
+
+def expert_entries(paths: dict[str, Path], tasks: dict) -> list[dict]:
+    """The merge config's `experts:` list for expert folders by task and their task files, with
+    absolute paths (the merges run from their own folders)."""
+    return [
+        {"name": t, "path": str(p.resolve()), "data": str(Path(tasks[t].path).resolve())}
+        for t, p in paths.items()
+    ]
 
 
 def run_demo(

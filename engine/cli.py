@@ -253,7 +253,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from supermerge.demo.compare import CompareSettings, run_compare, user_suite
+    from supermerge.demo.compare import (
+        CompareSettings,
+        check_methods,
+        known_methods,
+        run_compare,
+        user_suite,
+    )
     from supermerge.demo.finetune import default_base
     from supermerge.demo.lm_finetune import is_causal_lm
     from supermerge.io.paths import check_apart
@@ -265,13 +271,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise SupermergeError(f"--seeds: at least 1, got {args.seeds}")
     reads = [("the suite", Path(args.suite)), ("the base model", base)]
     check_apart(Path(args.workdir), reads, "compare workdir")
+    methods = tuple(args.methods) if args.methods else None
+    check_methods(methods, known_methods(causal))  # before any expert is fine-tuned
     tasks = _suite(args, causal)
     cache = Path(args.cache).resolve()
     progress = not args.quiet
     how = {"lora": args.lora, "chat": args.chat, "template": _template(args) if causal else None}
     base_label = "MiniLM-L6" if args.base is None else base.name
     suite = user_suite(base, tasks, causal, cache, progress, f"{base_label} on {args.suite}", **how)
-    settings = CompareSettings(tuple(range(args.seeds)), tuple(args.methods) if args.methods else None)
+    settings = CompareSettings(tuple(range(args.seeds)), methods)
     run_compare(suite, Path(args.workdir), settings, progress)
     return 0
 

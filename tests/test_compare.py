@@ -114,3 +114,4 @@ def test_compare_refuses_bad_arguments_with_one_line(tmp_path: Path, capsys) -> 
         assert main([*common, *extra]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "w").exists() and not (suite / "out").exists()
+    assert not (tmp_path / "cache").exists()  # each refused before any expert was fine-tuned

@@ -20,7 +20,7 @@ import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from supermerge.demo.run import REAL, DemoSuite, encoder_experts_suite, normalised, run_demo
+from supermerge.demo.run import GRIDS, REAL, DemoSuite, encoder_experts_suite, normalised, run_demo
 from supermerge.errors import SupermergeError
 from supermerge.io.completions import Template
 from supermerge.learned.report import plot_accuracy_bars
@@ -63,6 +63,27 @@ def user_suite(
     return encoder_experts_suite(base, tasks, cache, REAL, progress, title)
 
 
+def known_methods(causal: bool) -> set[str]:
+    """The method names `user_suite` runs for a causal-LM (or an encoder) base."""
+    if causal:
+        from supermerge.demo.llm_demo import LLM_REAL
+
+        return methods_of(LLM_REAL.grids, LLM_REAL.learned)
+    return methods_of(GRIDS, REAL.learned)
+
+
+def methods_of(grids: dict[str, list[dict]], learned: dict[str, dict]) -> set[str]:
+    """Training-free method names and learned ones (`method.name`) of a suite's rows."""
+    return set(grids) | {m["name"] for m in learned.values()}
+
+
+def check_methods(methods: tuple[str, ...] | None, known: set[str]) -> None:
+    """Raise SupermergeError naming the given methods that are not `known` (None: all run)."""
+    unknown = sorted(set(methods or ()) - known)
+    if unknown:
+        raise SupermergeError(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+
+
 def only_methods(suite: DemoSuite, methods: tuple[str, ...] | None) -> DemoSuite:
     """The suite with only the named methods (a learned row by its `method.name`).
 
@@ -71,10 +92,7 @@ def only_methods(suite: DemoSuite, methods: tuple[str, ...] | None) -> DemoSuite
     """
     if methods is None:
         return suite
-    known = set(suite.grids) | {m["name"] for m in suite.learned.values()}
-    unknown = sorted(set(methods) - known)
-    if unknown:
-        raise SupermergeError(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    check_methods(methods, methods_of(suite.grids, suite.learned))
     grids = {m: g for m, g in suite.grids.items() if m in methods}
     learned = {label: m for label, m in suite.learned.items() if m["name"] in methods}
     return replace(suite, grids=grids, learned=learned)

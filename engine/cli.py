@@ -227,26 +227,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from supermerge.demo.run import run_demo
+    from supermerge.demo.compare import CompareSettings, run_compare
+    from supermerge.demo.run import real_demo_suite, toy_demo_suite
 
     if args.toy and (args.quick or args.llm):
         raise SupermergeError("--quick and --llm apply to the real suites, not --toy")
     if args.lora and not args.llm:
         raise SupermergeError("--lora applies to the LLM demo: give --llm too")
-    suite = None
+    if args.seeds < 1:
+        raise SupermergeError(f"--seeds: at least 1, got {args.seeds}")
+    workdir = Path(args.workdir or ("runs/demo" + "-llm" * args.llm + "-lora" * args.lora)).resolve()
+    cache, progress = Path(args.cache).resolve(), not args.quiet
     if args.llm:
         from supermerge.demo.llm_demo import llm_demo_suite
 
-        suite = llm_demo_suite(Path(args.cache).resolve(), args.quick, not args.quiet, lora=args.lora)
-    workdir = args.workdir or ("runs/demo" + "-llm" * args.llm + "-lora" * args.lora)
-    run_demo(
-        workdir,
-        progress=not args.quiet,
-        real=not args.toy,
-        quick=args.quick,
-        cache=args.cache,
-        suite=suite,
-    )
+        suite = llm_demo_suite(cache, args.quick, progress, lora=args.lora)
+    elif args.toy:
+        suite = toy_demo_suite(workdir)
+    else:
+        suite = real_demo_suite(cache, args.quick, progress)
+    run_compare(suite, workdir, CompareSettings(tuple(range(args.seeds))), progress)
     return 0
 
 
@@ -447,10 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="run the built-in demo",
-        description="Build the built-in real text suite (fetched once), fine-tune one MiniLM-L6 "
-        "expert per task (cached), merge them with every method, training-free and learned, and "
-        "print test accuracy, time and memory per method; writes results.json, accuracy.png and "
-        "coefficient heatmaps under --workdir. --toy runs the same on a toy task family in seconds.",
+        description="`supermerge compare` on a built-in suite: build the real text suite (fetched "
+        "once), fine-tune one MiniLM-L6 expert per task (cached), merge them with every method, "
+        "training-free and learned, once per seed, and print test accuracy, time and memory per "
+        "method and the mean and spread over the seeds; writes results.json and accuracy.png under "
+        "--workdir and each seed's run (its table, merges, heatmaps) under --workdir/seed-<s>. "
+        "--toy runs the same on a toy task family in seconds.",
     )
     demo.add_argument(
         "--workdir", help="folder for the demo's files (default: runs/demo, runs/demo-llm[-lora])"
@@ -469,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--lora", action="store_true", help="with --llm: the experts are LoRA adapters")
     demo.add_argument("--cache", default="runs/cache", help="where the real suite and experts are kept")
+    demo.add_argument("--seeds", type=int, default=1, help="merge seeds 0..N-1 (default 1)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -24,12 +24,12 @@ def write(path: Path, rows: list) -> Path:
 def test_prompt_rows_keep_their_choices_and_splits(tmp_path: Path) -> None:
     rows = [
         {"prompt": f"q{i}", "completion": " a", "choices": [" a", " b"], "split": s}
-        for i, s in enumerate(["train"] * 5 + ["test"] * 2)
+        for i, s in enumerate(["train"] * 8 + ["test"] * 2)
     ]
-    task = read_completion_file(write(tmp_path / "qa.jsonl", rows), validation_size=2, seed=0)
+    task = read_completion_file(write(tmp_path / "qa.jsonl", rows), validation_size=2)
     assert task.name == "qa" and task.scored_by_choices
-    assert [len(task.splits[s]) for s in ("train", "validation", "test")] == [3, 2, 2]
-    assert task.splits["test"][0].choices == (" a", " b") and task.splits["test"][0].line == 6
+    assert [len(task.splits[s]) for s in ("train", "validation", "test")] == [6, 2, 2]
+    assert task.splits["test"][0].choices == (" a", " b") and task.splits["test"][0].line == 9
 
 
 def test_text_label_rows_are_posed_through_the_files_template_with_every_class_as_a_choice(

@@ -185,7 +185,7 @@ def test_lora_finetune_trains_only_the_factors_and_lowers_the_loss(tmp_path, see
     task = read_completion_file(
         choice_task(tmp_path / "yesno.jsonl", seed, n=24, split=True), validation_size=2
     )
-    cfg = LMLoraFinetuneConfig(epochs=4, lr=1e-2, batch_size=4, max_length=64, seed=seed, rank=4, alpha=8)
+    cfg = LMLoraFinetuneConfig(epochs=8, lr=1e-2, batch_size=4, max_length=64, seed=seed, rank=4, alpha=8)
     out = finetune_lm_expert(base, task, tmp_path / "expert", cfg, progress=False)
 
     assert is_adapter(out) and not (out / "config.json").exists()
@@ -210,7 +210,7 @@ def test_lora_finetune_trains_only_the_factors_and_lowers_the_loss(tmp_path, see
     train = task.splits["train"]  # transformers loads the adapter folder itself (its PEFT integration)
     before, after = mean_completion_loss(base, train), mean_completion_loss(out, train)
     print(f"completion loss {before:.3f} -> {after:.3f}")
-    assert after < 0.97 * before, (before, after)  # 0.91-0.94 over seeds 0-4: B starts at 0
+    assert after < 0.95 * before, (before, after)  # 0.89-0.93 over 6 runs; 4 epochs gave up to 0.97
 
 
 def test_lora_adapter_whose_base_is_gone_is_refused_naming_the_field(tmp_path, seed) -> None:

@@ -114,7 +114,7 @@ def make_unpacked_tree(root: Path, per_class: int = 3) -> Path:
     return root
 
 
-SMALL = SuiteSettings(train_size=16, test_size=8, seed=0)
+SMALL = SuiteSettings(train_size=16, validation_size=8, test_size=8, seed=0)
 
 
 def class_counts(task: TaskFile, splits: tuple[str, ...]) -> dict[str, int]:
@@ -126,18 +126,21 @@ def class_counts(task: TaskFile, splits: tuple[str, ...]) -> dict[str, int]:
 
 
 def assert_balanced_within_caps(name: str, task: TaskFile, settings: SuiteSettings) -> None:
-    """The builder's rule: every class of a task has the same number of train examples (the reader's
-    validation rows are carved from train, so counted with it) and of test examples, at most
-    train_size // classes and test_size // classes; when the smallest class has fewer than both
-    caps together, its examples are divided between train and test in the ratio of the caps."""
-    train, test = class_counts(task, ("train", "validation")), class_counts(task, ("test",))
-    assert len(set(train.values())) == 1 and len(set(test.values())) == 1, (name, train, test)
-    n_train, n_test = train[task.classes[0]], test[task.classes[0]]
-    cap_train, cap_test = settings.train_size // len(task.classes), settings.test_size // len(task.classes)
-    assert 1 <= n_train <= cap_train and 1 <= n_test <= cap_test, (name, n_train, n_test)
-    if (n_train, n_test) != (cap_train, cap_test):
-        share = (n_train + n_test) * cap_test / (cap_train + cap_test)
-        assert abs(n_test - share) <= 1, (name, n_train, n_test)
+    """The builder's rule: every class of a task has the same number of train, validation and
+    test examples, at most size // classes each; when the smallest class has fewer than the three
+    caps together, test gets its share and validation its share but at most a quarter of the
+    rest."""
+    counts = [class_counts(task, (split,)) for split in ("train", "validation", "test")]
+    assert all(len(set(c.values())) == 1 for c in counts), (name, counts)
+    n_train, n_val, n_test = (c[task.classes[0]] for c in counts)
+    caps = [
+        s // len(task.classes) for s in (settings.train_size, settings.validation_size, settings.test_size)
+    ]
+    assert all(1 <= n <= cap for n, cap in zip((n_train, n_val, n_test), caps, strict=True)), (name, counts)
+    if [n_train, n_val, n_test] != caps:
+        k = n_train + n_val + n_test
+        assert abs(n_test - k * caps[2] / sum(caps)) <= 1, (name, n_train, n_val, n_test)
+        assert n_val == min(caps[1], max(1, (k - n_test) // 4)), (name, n_train, n_val, n_test)
 
 
 # ----------------------------------------------------------------------------- parsers
@@ -213,31 +216,35 @@ def pairs_for(sizes: dict[str, int]) -> list[tuple[str, str]]:
 
 def test_balanced_split_caps_balances_and_never_overlaps() -> None:
     pairs = pairs_for({"a": 500, "b": 300, "c": 200})
-    split = balanced_split(pairs, train_size=300, test_size=90, seed=0)
-    assert len(split.train) == 300 and len(split.test) == 90
-    for rows, per_class in ((split.train, 100), (split.test, 30)):
+    split = balanced_split(pairs, train_size=300, validation_size=60, test_size=90, seed=0)
+    assert (len(split.train), len(split.validation), len(split.test)) == (300, 60, 90)
+    for rows, per_class in ((split.train, 100), (split.validation, 20), (split.test, 30)):
         assert sorted({label for _, label in rows}) == ["a", "b", "c"]
         assert all(sum(label == c for _, label in rows) == per_class for c in "abc")
-    assert not {t for t, _ in split.train} & {t for t, _ in split.test}
+    texts = [{t for t, _ in rows} for rows in (split.train, split.validation, split.test)]
+    assert not texts[0] & texts[1] and not texts[0] & texts[2] and not texts[1] & texts[2]
     assert split.available == {"a": 500, "b": 300, "c": 200}
 
 
 def test_balanced_split_is_seeded_and_order_independent() -> None:
     pairs = pairs_for({"a": 50, "b": 60})
-    one = balanced_split(pairs, 40, 10, seed=3)
-    assert one == balanced_split(list(reversed(pairs)), 40, 10, seed=3)
-    assert one != balanced_split(pairs, 40, 10, seed=4)
+    one = balanced_split(pairs, 40, 6, 10, seed=3)
+    assert one == balanced_split(list(reversed(pairs)), 40, 6, 10, seed=3)
+    assert one != balanced_split(pairs, 40, 6, 10, seed=4)
 
 
 def test_balanced_split_shrinks_to_the_smallest_class_and_dedupes() -> None:
     pairs = pairs_for({"a": 100, "b": 14}) + [("b text 0", "b"), ("b text 1", "a")]  # a dup, a conflict
-    split = balanced_split(pairs, train_size=100, test_size=40, seed=0, classes=["b", "a"])
+    split = balanced_split(
+        pairs, train_size=100, validation_size=20, test_size=40, seed=0, classes=["b", "a"]
+    )
     assert split.available == {"b": 13, "a": 100}  # "b text 1" had two labels: dropped
-    assert len(split.test) == 2 * 4 and len(split.train) == 2 * 9  # 13 split 50:20 -> 9 + 4
-    texts = [t for t, _ in split.train + split.test]
+    # 13 per class: test round(13 * 20 / 80) = 3, validation min(10, 10 // 4) = 2, train 8
+    assert (len(split.train), len(split.validation), len(split.test)) == (2 * 8, 2 * 2, 2 * 3)
+    texts = [t for t, _ in split.train + split.validation + split.test]
     assert len(texts) == len(set(texts)) and "b text 1" not in texts
     with pytest.raises(SupermergeError, match="too few examples for classes c"):
-        balanced_split(pairs, 10, 4, seed=0, classes=["a", "c"])
+        balanced_split(pairs, 10, 2, 4, seed=0, classes=["a", "c"])
 
 
 # ----------------------------------------------------------------------------- unpacked tree -> suite
@@ -246,7 +253,7 @@ def test_balanced_split_shrinks_to_the_smallest_class_and_dedupes() -> None:
 def test_write_suite_from_a_synthetic_tree_passes_read_suite(tmp_path: Path) -> None:
     unpacked = make_unpacked_tree(tmp_path / "unpacked")
     summary = write_suite(unpacked, tmp_path / "suite", SMALL)
-    tasks = read_suite(tmp_path / "suite", validation_size=1)
+    tasks = read_suite(tmp_path / "suite")
     assert sorted(tasks) == sorted(TASKS)
     for name in TASKS:
         classes = sorted(TASK_CLASSES[name])
@@ -260,7 +267,7 @@ def test_write_suite_from_a_synthetic_tree_passes_read_suite(tmp_path: Path) -> 
             json.loads(line)
             for line in (tmp_path / "suite" / f"{name}.jsonl").read_text("utf-8").splitlines()
         ]
-        assert {r["split"] for r in rows} == {"train", "test"}
+        assert {r["split"] for r in rows} == {"train", "validation", "test"}
         assert all(r["text"] == " ".join(r["text"].split()) for r in rows)
     topic = [e.text for e in tasks["topic"].splits["test"]]
     assert all(t.endswith("-- Someone") for t in topic)
@@ -268,7 +275,7 @@ def test_write_suite_from_a_synthetic_tree_passes_read_suite(tmp_path: Path) -> 
         e.text for s in ("train", "validation", "test") for e in tasks["langid"].splits[s] if e.label == "de"
     ]
     assert de and all("äöü" in t for t in de)  # latin-1 decoded
-    drug = [e.text for s in ("train", "test") for e in tasks["drug"].splits[s]]
+    drug = [e.text for s in ("train", "validation", "test") for e in tasks["drug"].splits[s]]
     assert all("& it's real" in t for t in drug)
     noun = [e.text for e in tasks["noun"].splits["test"]]
     assert all(t.startswith("a ") and "example" not in t for t in noun)
@@ -331,7 +338,7 @@ def test_build_fetches_once_and_reuses_the_suite_and_the_downloads(
     cache = tmp_path / "cache"
     path = build_builtin_suite(cache, progress=False, settings=SMALL)
     assert path == cache / "suite" and suite_is_complete(path, SMALL)
-    assert sorted(read_suite(path, validation_size=1)) == sorted(TASKS)
+    assert sorted(read_suite(path)) == sorted(TASKS)
     fetches = [c for c in fake_tools.calls if c[0] != "dpkg"]
     assert len(fetches) == len(suite.DEBIAN_PACKAGES) + 1
     marker = json.loads((path / MARKER_NAME).read_text())
@@ -391,8 +398,9 @@ def test_real_builtin_suite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         n: (sum(len(t.splits[s]) for s in ("train", "validation")), len(t.splits["test"]))
         for n, t in tasks.items()
     }
-    assert sizes["noun"] == sizes["verb"] == sizes["langid"] == (1000, 400)
+    assert sizes["noun"] == sizes["verb"] == sizes["langid"] == (1128, 400)
     assert sizes["topic"][0] >= 600 and sizes["drug"][0] >= 150
+    assert all(len(t.splits["validation"]) >= 32 for t in tasks.values())
 
     def no_network(*args: object, **kwargs: object) -> None:
         raise AssertionError("the second call fetched something")

@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from supermerge.errors import InputError
-from supermerge.io.taskfile import read_suite, read_task_file
+from supermerge.io.taskfile import CARVED_VALIDATION, draw_validation, read_suite, read_task_file
+from supermerge.learned.data import load_jsonl_data
 
 
 def write_task(path: Path, rows: list[dict]) -> Path:
@@ -32,14 +34,56 @@ def test_reads_splits_and_numbers_string_classes_in_sorted_order(tmp_path: Path)
     assert task.label_ids("test", {"LABEL_0": 0}) == [1, 2]  # a config that does not name them
 
 
-def test_validation_is_carved_from_train_with_a_fixed_seed(tmp_path: Path) -> None:
-    path = write_task(tmp_path / "t.jsonl", rows("train", [0, 1] * 50) + rows("test", [0, 1]))
-    a, b = read_task_file(path, validation_size=10, seed=3), read_task_file(path, validation_size=10, seed=3)
-    c = read_task_file(path, validation_size=10, seed=4)
-    assert len(a.splits["validation"]) == 10 and len(a.splits["train"]) == 90
-    assert a.splits["validation"] == b.splits["validation"] != c.splits["validation"]
+def test_validation_is_carved_from_train_the_same_way_by_every_reader(tmp_path: Path) -> None:
+    path = write_task(tmp_path / "t.jsonl", rows("train", [0, 1] * 100) + rows("test", [0, 1]))
+    a, b = read_task_file(path), read_task_file(path, labelled=False)
+    assert (
+        len(a.splits["validation"]) == CARVED_VALIDATION and len(a.splits["train"]) == 200 - CARVED_VALIDATION
+    )
+    small = read_task_file(
+        write_task(tmp_path / "s.jsonl", rows("train", [0, 1] * 10) + rows("test", [0, 1]))
+    )
+    assert len(small.splits["validation"]) == 5 and len(small.splits["train"]) == 15  # a quarter at most
+    assert a.splits["validation"] == b.splits["validation"]
     assert not {e.line for e in a.splits["validation"]} & {e.line for e in a.splits["train"]}
     assert a.classes == ["0", "1"] and a.label_ids("validation") == [e.label for e in a.splits["validation"]]
+
+
+class LineTokenizer:
+    """Encodes "split i" as the single token i (no attention mask: load order is kept)."""
+
+    def __call__(self, texts: list[str], **kwargs: object) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.tensor([[int(t.split()[1])] for t in texts])}
+
+
+@pytest.mark.parametrize("size", [8, 32, 64])
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_a_merge_learns_only_from_rows_no_expert_trained_on_whatever_its_seed_and_size(
+    tmp_path: Path, seed: int, size: int
+) -> None:
+    carved = write_task(tmp_path / "carved.jsonl", rows("train", [0, 1] * 60) + rows("test", [0, 1]))
+    pooled = write_task(
+        tmp_path / "pooled.jsonl",
+        rows("train", [0, 1] * 60) + rows("validation", [0, 1] * 24, start=1000) + rows("test", [0, 1]),
+    )
+    for path in (carved, pooled):
+        experts_saw = {e.text for e in read_task_file(path).splits["train"]}  # what finetune reads
+        drawn = draw_validation({"t": read_task_file(path)}, size, seed)["t"].splits
+        data = load_jsonl_data(path, "t", size, seed, True, LineTokenizer(), 16)
+        learned = {
+            f"validation {i}" if i >= 1000 else f"train {i}" for i in data.inputs["input_ids"][:, 0].tolist()
+        }
+        assert learned == {
+            e.text for e in drawn["validation"]
+        }  # the demo picks on what the merge learns from
+        assert not learned & experts_saw and not learned & {e.text for e in drawn["dev"]}
+        pool = len(read_task_file(path).splits["validation"])
+        assert len(learned) == min(size, pool) and len(drawn["dev"]) == pool - len(learned)
+    one, other = (
+        {e.text for e in draw_validation({"t": read_task_file(pooled)}, 8, s)["t"].splits["validation"]}
+        for s in (0, 1)
+    )
+    assert one != other  # a pool larger than the size: seeds draw different examples
 
 
 def test_a_file_without_splits_is_all_validation(tmp_path: Path) -> None:

@@ -100,7 +100,8 @@ def only_methods(suite: DemoSuite, methods: tuple[str, ...] | None) -> DemoSuite
 
 def summarise(runs: list[dict], experts: dict[str, float]) -> dict:
     """Per method (rows present in every run): per-task mean test accuracy over the runs, the mean
-    over tasks per run, their mean and sample standard deviation (0 for one run), and whether it
+    over tasks per run, their mean and sample standard deviation (0 for one run), the mean dev
+    accuracy (where every run has one: the validation rows no merge learned from) and whether it
     is within noise of the best method."""
     methods = [m for m in runs[0]["methods"] if all(m in r["methods"] for r in runs)]
     expert_mean = statistics.fmean(experts.values())
@@ -116,6 +117,9 @@ def summarise(runs: list[dict], experts: dict[str, float]) -> dict:
             "normalised": normalised(statistics.fmean(means), expert_mean),
             "chosen": [r["methods"][method]["params"] for r in runs],
         }
+        dev = [r["methods"][method].get("dev_accuracy") for r in runs]
+        if None not in dev:
+            rows[method]["dev"] = statistics.fmean(dev)
     best = max(rows, key=lambda m: rows[m]["mean"])
     for method, row in rows.items():
         spread = max(row["std"], rows[best]["std"])
@@ -127,14 +131,17 @@ def print_summary(title: str, seeds: tuple[int, ...], experts: dict[str, float],
     """The table: per task means, mean +- spread over the seeds, normalised, the verdict."""
     tasks = list(experts)
     print(f"\ntest accuracy, mean over seeds {list(seeds)} ({title})")
-    header = "".join(f"{t:>8s}" for t in tasks) + f"{'mean':>8s}{'+-':>7s}{'norm.':>7s}"
+    header = "".join(f"{t:>8s}" for t in tasks) + f"{'mean':>8s}{'+-':>7s}{'norm.':>7s}{'dev':>7s}"
     print(f"{'method':28s}{header}  verdict")
     print(f"{'experts (each its own)':28s}" + "".join(f"{experts[t]:8.3f}" for t in tasks)
           + f"{statistics.fmean(experts.values()):8.3f}")  # fmt: skip
     for method, row in sorted(summary["methods"].items(), key=lambda kv: -kv[1]["mean"]):
         verdict = "best" if method == summary["best"] else "noise" if row["within_noise_of_best"] else ""
         print(f"{method:28s}" + "".join(f"{row['test_accuracy'][t]:8.3f}" for t in tasks)
-              + f"{row['mean']:8.3f}{row['std']:7.3f}{row['normalised']:7.3f}  {verdict}")  # fmt: skip
+              + f"{row['mean']:8.3f}{row['std']:7.3f}{row['normalised']:7.3f}"
+              + (f"{row['dev']:7.3f}" if "dev" in row else f"{'':7s}") + f"  {verdict}")  # fmt: skip
+    if any("dev" in row for row in summary["methods"].values()):
+        print("dev: mean accuracy on the validation rows that no merge learned from (for choosing a merge)")
     if len(seeds) == 1:
         print("one seed: no spread measured, so no difference is called noise")
 

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from supermerge.demo.run import PICKED, DemoSuite, expert_entries
+from supermerge.demo.run import PICKED, DemoSuite, drawn_split, expert_entries
 from supermerge.io.completions import CompletionTaskFile, Template
 
 
@@ -99,7 +99,7 @@ def llm_demo_suite(
     start = time.perf_counter()
     suite_settings = replace(LLMSuiteSettings(), train_size=settings.train_size, test_size=settings.test_size)
     folder = build_llm_suite(cache, progress, suite_settings, source)
-    tasks = read_completion_suite(folder, settings.validation_size)
+    tasks = read_completion_suite(folder)
     timings["llm_suite"] = time.perf_counter() - start
     kind = "LoRA experts" if lora else "experts"
     title = f"{base.name} {kind} on {len(tasks)} generative tasks{' (quick)' if quick else ''}"
@@ -135,16 +135,18 @@ def lm_experts_suite(
     paths = finetune_lm_suite(base, tasks, cache, finetune, progress)
     timings["finetune"] = time.perf_counter() - start
 
-    def accuracy(model_dir: Path, split: str, only: dict | None = None) -> dict[str, float]:
-        chosen = only if only is not None else tasks
+    def evaluate(model_dir: Path, chosen: dict, split: str) -> dict[str, float]:
         return evaluate_lm(
             model_dir, chosen, split, max_length=settings.max_length, chat=chat, progress=False
         )
 
+    def accuracy(model_dir: Path, split: str, seed: int) -> dict[str, float]:
+        return evaluate(model_dir, drawn_split(tasks, split, settings.validation_size, seed), split)
+
     start = time.perf_counter()
     experts = {}
     for task, path in paths.items():
-        experts |= accuracy(path, "test", {task: tasks[task]})
+        experts |= evaluate(path, {task: tasks[task]}, "test")
     timings["experts_test"] = time.perf_counter() - start
     config = {
         "base": str(base.resolve()),  # (the merges run from their own folders)

@@ -26,6 +26,7 @@ from supermerge.config import config_from_dict
 from supermerge.demo.finetune import FinetuneConfig
 from supermerge.demo.toy import FACTORY, build_toy_suite, toy_accuracy
 from supermerge.io.checkpoint import Checkpoint
+from supermerge.io.taskfile import draw_validation
 from supermerge.learned.report import plot_accuracy_bars
 from supermerge.learned_merge import run_learned_merge
 from supermerge.merge import MergeSummary, run_merge
@@ -54,18 +55,20 @@ class DemoSuite:
     Attributes:
         title: names the suite in the table and the chart.
         config: the merge YAML fields shared by every method (base, experts with data, model, heads).
-        accuracy: (model folder, split) -> accuracy per task, with the tasks' heads.
+        accuracy: (model folder, split, seed) -> accuracy per task, with the tasks' heads; split
+            "validation" is the rows a merge with that seed learns from, "dev" the rest of the
+            tasks' validation pools (an empty result when there is none), "test" the test split.
         experts: each expert's test accuracy on its own task.
         learned: label -> `method:` block of each learned merge to run; a block whose objective is
-            `PICKED` takes the objective of the flat SuperMerge row with the best validation
-            accuracy so far.
+            `PICKED` takes the objective of the flat SuperMerge row with the best dev accuracy so
+            far (validation accuracy when the suite has no dev rows).
         grids: training-free method -> its candidate parameters.
         timings: wall time of the stages run while building the suite (s).
     """
 
     title: str
     config: dict
-    accuracy: Callable[[Path, str], dict[str, float]]
+    accuracy: Callable[[Path, str, int], dict[str, float]]
     experts: dict[str, float]
     learned: dict[str, dict]
     grids: dict[str, list[dict]] = field(default_factory=lambda: GRIDS)
@@ -75,9 +78,12 @@ class DemoSuite:
 def toy_demo_suite(workdir: Path) -> DemoSuite:
     """The four-task toy family (seconds on a CPU)."""
     start = time.perf_counter()
+    shutil.rmtree(workdir / "suite", ignore_errors=True)  # only what an earlier toy demo wrote there
     suite = build_toy_suite(workdir / "suite", n_tasks=4, seed=0, n_val=32, n_test=2000)
 
-    def accuracy(model_dir: Path, split: str) -> dict[str, float]:
+    def accuracy(model_dir: Path, split: str, seed: int) -> dict[str, float]:
+        if split == "dev":  # (each toy validation file is exactly what a merge learns from)
+            return {}
         ckpt = Checkpoint(model_dir)
         body = {n: ckpt.read(n) for n in ckpt.names}
         result = {}
@@ -120,12 +126,16 @@ class RealDemoSettings:
         finetune: expert fine-tuning settings.
         max_length: tokenizer truncation for merging and evaluation.
         learned: label -> `method:` block of each learned merge.
+        validation_size: validation examples per task that the merges learn from and the
+            training-free methods' parameters are picked on (drawn from each task's pool with
+            the merge's seed).
     """
 
     tasks: tuple[str, ...] | None
     finetune: FinetuneConfig
     max_length: int
     learned: dict[str, dict]
+    validation_size: int = 32
 
 
 def _learned(steps: int, tree_steps: int, lr: float) -> dict[str, dict]:
@@ -133,8 +143,12 @@ def _learned(steps: int, tree_steps: int, lr: float) -> dict[str, dict]:
     return {
         "adamerging": {"name": "adamerging", "steps": steps, **common},
         "supermerge": {"name": "supermerge", "steps": steps, "lr": lr, **common},
+        "supermerge (distill)": {
+            "name": "supermerge", "steps": steps, "lr": lr, "objective": "distill", **common
+        },
         "supermerge (tree, g=2)": {
-            "name": "supermerge", "steps": tree_steps, "lr": lr, "group_size": 2, **common
+            "name": "supermerge", "steps": tree_steps, "lr": lr, "group_size": 2, "objective": PICKED,
+            **common,
         },
     }  # fmt: skip
 
@@ -200,13 +214,23 @@ def encoder_experts_suite(
         "model": {"kind": "hf_encoder", "max_length": settings.max_length},
         "heads": ["classifier.*"],
     }
-    suite = DemoSuite(
-        title, config,
-        lambda d, split: evaluate_model(d, tasks, split, max_length=settings.max_length, progress=False),
-        experts, settings.learned,
-    )  # fmt: skip
+
+    def accuracy(model_dir: Path, split: str, seed: int) -> dict[str, float]:
+        chosen = drawn_split(tasks, split, settings.validation_size, seed)
+        return evaluate_model(model_dir, chosen, split, max_length=settings.max_length, progress=False)
+
+    learned = {
+        label: m | {"validation_size": settings.validation_size} for label, m in settings.learned.items()
+    }
+    suite = DemoSuite(title, config, accuracy, experts, learned)
     suite.timings = timings
     return suite
+
+
+def drawn_split(tasks: dict, split: str, size: int, seed: int) -> dict:
+    """The tasks that have rows in `split` as a merge with validation_size `size` and `seed` sees
+    them (`draw_validation`: its drawn validation rows, the rest of the pool as "dev")."""
+    return {n: t for n, t in draw_validation(tasks, size, seed).items() if t.splits[split]}
 
 
 def expert_entries(paths: dict[str, Path], tasks: dict) -> list[dict]:
@@ -218,25 +242,16 @@ def expert_entries(paths: dict[str, Path], tasks: dict) -> list[dict]:
     ]
 
 
-def run_demo(
-    workdir: str | Path,
-    progress: bool = True,
-    real: bool = False,
-    quick: bool = False,
-    cache: str | Path = "runs/cache",
-    suite: DemoSuite | None = None,
-) -> dict:
-    """Run every method on the toy suite (or the real one, or `suite`), print the table.
+def run_demo(workdir: str | Path, suite: DemoSuite, progress: bool = True) -> dict:
+    """Run every method of `suite` with its config's seed, print the table.
 
     Returns the results (also written to results.json), with the wall time of each stage.
     """
     start = time.perf_counter()
     workdir = Path(workdir).resolve()
-    for own in ("suite", "merged"):  # only what an earlier demo wrote there
-        shutil.rmtree(workdir / own, ignore_errors=True)
-    if suite is None:
-        suite = real_demo_suite(Path(cache).resolve(), quick, progress) if real else toy_demo_suite(workdir)
+    shutil.rmtree(workdir / "merged", ignore_errors=True)  # only what an earlier run wrote there
     timings = dict(suite.timings)  # each stage timed where it ran: building the suite, fine-tuning, ...
+    seed = suite.config.get("seed", 0)
     (workdir / "merged").mkdir(parents=True)
     rows: dict[str, dict] = {}
     for method, grid in suite.grids.items():
@@ -248,7 +263,7 @@ def run_demo(
                 suite.config | {"method": {"name": method, **params}, "output": str(out)}, workdir
             )
             summary = run_merge(cfg, progress=False)
-            score = _mean(suite.accuracy(out, "validation"))
+            score = _mean(suite.accuracy(out, "validation", seed))
             if best is None or score > best[0]:
                 if best is not None:
                     shutil.rmtree(best[2])  # only the picked merge is kept (LLM merges are large)
@@ -256,8 +271,9 @@ def run_demo(
             else:
                 shutil.rmtree(out)
         _, params, out, summary = best
-        rows[method] = _row(params, suite.accuracy(out, "test"), summary)
+        rows[method] = _row(params, suite.accuracy(out, "test", seed), summary)
         rows[method]["validation_accuracy"] = best[0]
+        rows[method] |= _dev(suite.accuracy(out, "dev", seed))
         timings[method] = time.perf_counter() - stage
         log.info("%s: picked %s on validation", method, params)
     for label, method in suite.learned.items():
@@ -268,12 +284,14 @@ def run_demo(
         cfg = config_from_dict(suite.config | {"method": method, "output": str(out)}, workdir)
         summary = run_learned_merge(cfg, progress=progress)
         rows[label] = _row(
-            {k: v for k, v in method.items() if k != "name"}, suite.accuracy(out, "test"), summary
+            {k: v for k, v in method.items() if k != "name"}, suite.accuracy(out, "test", seed), summary
         )
         rows[label]["heatmap"] = str(out / "coefficients.png")
-        rows[label]["validation_accuracy"] = _mean(suite.accuracy(out, "validation"))
+        rows[label]["validation_accuracy"] = _mean(suite.accuracy(out, "validation", seed))
+        rows[label] |= _dev(suite.accuracy(out, "dev", seed))
         timings[label] = time.perf_counter() - stage
-    timings["total"] = time.perf_counter() - start
+    # the suite's stages ran before this call (the demo builds it first)
+    timings["total"] = sum(suite.timings.values()) + time.perf_counter() - start
     results = {"suite": suite.title, "experts": suite.experts, "methods": rows, "seconds": timings}
     _print_table(suite.title, suite.experts, rows)
     print("\nwall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
@@ -297,11 +315,17 @@ def _mean(accuracy: dict[str, float]) -> float:
     return sum(accuracy.values()) / len(accuracy)
 
 
+def _dev(accuracy: dict[str, float]) -> dict:
+    """A row's dev accuracy fields (none when the suite has no dev rows)."""
+    return {"dev_accuracy": _mean(accuracy), "dev_accuracy_per_task": accuracy} if accuracy else {}
+
+
 def _picked_objective(rows: dict[str, dict]) -> str:
     """The objective of the flat learned row (one with an objective and no tree) that has the best
-    validation accuracy."""
+    dev accuracy (held out from every merge), else validation accuracy (what it learned from)."""
     flat = [r for r in rows.values() if "objective" in r["params"] and not r["params"].get("group_size")]
-    return max(flat, key=lambda r: r["validation_accuracy"])["params"]["objective"]
+    key = "dev_accuracy" if all("dev_accuracy" in r for r in flat) else "validation_accuracy"
+    return max(flat, key=lambda r: r[key])["params"]["objective"]
 
 
 def _row(params: dict, accuracy: dict[str, float], summary: MergeSummary) -> dict:
@@ -320,9 +344,11 @@ def _print_table(title: str, experts: dict[str, float], rows: dict[str, dict]) -
     header = (
         f"{'method':28s}"
         + "".join(f"{t:>7s}" for t in tasks)
-        + f"{'mean':>7s}{'norm.':>7s}{'s':>8s}{'KiB':>10s}"
+        + f"{'mean':>7s}{'norm.':>7s}{'dev':>7s}{'s':>8s}{'KiB':>10s}"
     )
     print(header + "  chosen")
+    if any("dev_accuracy" in row for row in rows.values()):
+        print("(dev: mean accuracy on the validation rows that no merge learned from)")
     print(
         f"{'experts (each its own)':28s}"
         + "".join(f"{experts[t]:7.3f}" for t in tasks)
@@ -333,6 +359,8 @@ def _print_table(title: str, experts: dict[str, float], rows: dict[str, dict]) -
         mean = sum(acc.values()) / len(acc)
         print(
             f"{method:28s}" + "".join(f"{acc[t]:7.3f}" for t in tasks)
-            + f"{mean:7.3f}{normalised(mean, expert_mean):7.3f}{row['seconds']:8.1f}"
+            + f"{mean:7.3f}{normalised(mean, expert_mean):7.3f}"
+            + (f"{row['dev_accuracy']:7.3f}" if "dev_accuracy" in row else f"{'':7s}")
+            + f"{row['seconds']:8.1f}"
             + f"{row['peak_tensor_bytes'] / 1024:10.0f}  {json.dumps(row['params'])}"
         )  # fmt: skip

@@ -1,8 +1,9 @@
 """The built-in suite of real labelled text tasks, built from Debian and PyPI packages.
 
 Five tasks, each written as `<task>.jsonl` in the format of `supermerge.io.taskfile` (lines
-{"text": str, "label": str, "split": "train" | "test"}; no validation rows, the reader carves
-validation from train):
+{"text": str, "label": str, "split": "train" | "validation" | "test"}; the validation rows are
+a pool that no expert trains on: a merge draws its `validation_size` examples from it with its
+seed, and the rest is held-out labelled data for choosing between merges):
 
 - ``noun``: a WordNet 3.0 noun gloss -> its supersense (animal, artifact, body, food, location,
   person, plant, substance). Debian ``wordnet-base``.
@@ -55,7 +56,7 @@ from supermerge.io.atomic import atomic_folder
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = "supermerge-builtin-suite/1"
+BUILDER_VERSION = "supermerge-builtin-suite/2"  # 2: a validation split
 MARKER_NAME = "_suite.json"
 TASKS = ("noun", "verb", "topic", "langid", "drug")
 
@@ -113,8 +114,9 @@ class SuiteSettings:
 
     Attributes:
         train_size: train examples per task at most (split evenly over its classes).
+        validation_size: validation examples per task at most (split evenly over its classes).
         test_size: test examples per task at most (split evenly over its classes).
-        seed: seeds the sampling and the train/test split.
+        seed: seeds the sampling and the split.
         max_chars: longer texts are cut to this many characters (at a word boundary).
         min_chars: shorter texts (after cleaning) are dropped.
         min_letter_ratio: texts whose non-space characters are less than this share letters
@@ -122,6 +124,7 @@ class SuiteSettings:
     """
 
     train_size: int = 1000
+    validation_size: int = 128
     test_size: int = 400
     seed: int = 0
     max_chars: int = 1000
@@ -265,6 +268,7 @@ class Split:
     """A task's examples: (text, label) pairs by split, and what each class had to offer."""
 
     train: list[tuple[str, str]]
+    validation: list[tuple[str, str]]
     test: list[tuple[str, str]]
     available: dict[str, int]
 
@@ -272,20 +276,23 @@ class Split:
 def balanced_split(
     pairs: Iterable[tuple[str, str]],
     train_size: int,
+    validation_size: int,
     test_size: int,
     seed: int,
     classes: Sequence[str] | None = None,
 ) -> Split:
-    """A balanced, deduplicated, seeded train/test split of (text, label) pairs.
+    """A balanced, deduplicated, seeded train/validation/test split of (text, label) pairs.
 
     Every class (those of `classes`, or every label seen) gets the same number k of examples:
-    ``train_size // n + test_size // n`` when the smallest class has that many, else the
-    smallest class's size, divided between train and test in the ratio of the two sizes.
-    Duplicate texts count once; a text seen under two labels is dropped. The result depends
-    only on the set of pairs and the seed, not on their order.
+    the sum of the three sizes divided by the number of classes n when the smallest class has
+    that many, else the smallest class's size; then test gets its share of k (at least 1),
+    validation its share but at most a quarter of what remains (a short class keeps most of
+    its examples for training the experts), and train the rest. Duplicate texts count once; a
+    text seen under two labels is dropped. The result depends only on the set of pairs and
+    the seed, not on their order.
 
     Raises:
-        SupermergeError: a class has fewer than 2 examples.
+        SupermergeError: a class has fewer than 3 examples.
     """
     by_text: dict[str, set[str]] = {}
     for text, label in pairs:
@@ -298,30 +305,34 @@ def balanced_split(
         if len(labels) == 1 and (label := next(iter(labels))) in pools:
             pools[label].append(text)
     available = {c: len(pools[c]) for c in names}
-    short = [c for c in names if available[c] < 2]
+    short = [c for c in names if available[c] < 3]
     if short:
         raise SupermergeError(f"too few examples for classes {', '.join(short)} (have {available})")
-    per_train, per_test = train_size // len(names), test_size // len(names)
-    k = min(per_train + per_test, *available.values())
-    n_test = per_test if k == per_train + per_test else max(1, round(k * per_test / (per_train + per_test)))
-    n_test = min(n_test, k - 1)
+    per_train, per_val, per_test = (size // len(names) for size in (train_size, validation_size, test_size))
+    wanted = per_train + per_val + per_test
+    k = min(wanted, *available.values())
+    if k == wanted:
+        n_test, n_val = per_test, per_val
+    else:
+        n_test = min(max(1, round(k * per_test / wanted)), k - 2)
+        n_val = min(per_val, max(1, (k - n_test) // 4))
     rng = random.Random(seed)
-    train: list[tuple[str, str]] = []
-    test: list[tuple[str, str]] = []
+    split = Split([], [], [], available)
     for c in names:
         chosen = rng.sample(sorted(pools[c]), k)
-        test += [(t, c) for t in chosen[:n_test]]
-        train += [(t, c) for t in chosen[n_test:]]
-    rng.shuffle(train)
-    rng.shuffle(test)
-    return Split(train, test, available)
+        split.test.extend((t, c) for t in chosen[:n_test])
+        split.validation.extend((t, c) for t in chosen[n_test : n_test + n_val])
+        split.train.extend((t, c) for t in chosen[n_test + n_val :])
+    for rows in (split.train, split.validation, split.test):
+        rng.shuffle(rows)
+    return split
 
 
 def write_task(path: Path, split: Split) -> None:
     """Write a split as a task file: one {"text", "label", "split"} JSON object per line, UTF-8."""
     with path.open("w", encoding="utf-8") as f:
-        for name, rows in (("train", split.train), ("test", split.test)):
-            for text, label in rows:
+        for name in ("train", "validation", "test"):
+            for text, label in getattr(split, name):
                 f.write(json.dumps({"text": text, "label": label, "split": name}, ensure_ascii=False) + "\n")
 
 
@@ -394,7 +405,8 @@ def write_suite(
 ) -> dict[str, dict]:
     """Write ``out_dir/<task>.jsonl`` for each task from an unpacked tree; no network.
 
-    Returns per task: {"classes", "available" (usable examples per class), "train", "test"}.
+    Returns per task: {"classes", "available" (usable examples per class), "train", "validation",
+    "test"}.
     Writes no marker (`build_builtin_suite` does).
     """
     settings = settings or SuiteSettings()
@@ -405,20 +417,27 @@ def write_suite(
         min_chars = min(settings.min_chars, 8) if task in ("noun", "verb") else None
         pairs = _cleaned(task_examples(unpacked, task), settings, min_chars)
         split = balanced_split(
-            pairs, settings.train_size, settings.test_size, settings.seed, TASK_CLASSES[task]
+            pairs,
+            settings.train_size,
+            settings.validation_size,
+            settings.test_size,
+            settings.seed,
+            TASK_CLASSES[task],
         )
         write_task(out_dir / f"{task}.jsonl", split)
         summary[task] = {
             "classes": list(TASK_CLASSES[task]),
             "available": split.available,
             "train": len(split.train),
+            "validation": len(split.validation),
             "test": len(split.test),
         }
         log.info(
-            "task %s: %d classes, %d train, %d test (fewest usable in a class: %d)",
+            "task %s: %d classes, %d train, %d validation, %d test (fewest usable in a class: %d)",
             task,
             len(TASK_CLASSES[task]),
             len(split.train),
+            len(split.validation),
             len(split.test),
             min(split.available.values()),
         )
@@ -558,7 +577,7 @@ def build_builtin_suite(
             partial suite is left behind.
     """
     settings = settings or SuiteSettings()
-    cache_dir = Path(cache_dir)
+    cache_dir = Path(cache_dir).resolve()  # the tools run in temporary folders
     suite_dir = cache_dir / "suite"
     if suite_is_complete(suite_dir, settings):
         log.info("built-in suite up to date: %s", suite_dir)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from supermerge.errors import InputError
-from supermerge.io.taskfile import assign_splits, parse_lines
+from supermerge.io.taskfile import CARVED_VALIDATION, assign_splits, parse_lines
 
 
 @dataclass(frozen=True)
@@ -77,14 +77,14 @@ def _string_list(value: object) -> bool:
 
 
 def read_completion_file(
-    path: str | Path, validation_size: int = 32, seed: int = 0, template: Template | None = None
+    path: str | Path, validation_size: int = CARVED_VALIDATION, template: Template | None = None
 ) -> CompletionTaskFile:
     """Read and check one generative task file (see the module docstring).
 
     Args:
         path: the JSONL file.
-        validation_size: examples carved from train when the file has no validation rows.
-        seed: seeds the carving.
+        validation_size: examples carved from train when the file has no validation rows
+            (`supermerge.io.taskfile`: keep the default outside tests).
         template: for text/label rows when the file has no template line of its own.
     """
     path = Path(path)
@@ -137,7 +137,7 @@ def read_completion_file(
     if any(with_choices) and not all(with_choices):
         odd = next(e for _, e in examples if (e.choices is None) == with_choices[0])
         raise InputError(path, f"line {odd.line}: some rows have 'choices' and some do not")
-    return CompletionTaskFile(path.stem, path, assign_splits(path, examples, validation_size, seed))
+    return CompletionTaskFile(path.stem, path, assign_splits(path, examples, validation_size))
 
 
 def _posed(
@@ -159,11 +159,11 @@ def _posed(
 
 
 def read_completion_suite(
-    folder: str | Path, validation_size: int = 32, seed: int = 0, template: Template | None = None
+    folder: str | Path, validation_size: int = CARVED_VALIDATION, template: Template | None = None
 ) -> dict[str, CompletionTaskFile]:
     """Every `<task>.jsonl` of a folder, by task name."""
     folder = Path(folder)
     files = sorted(folder.glob("*.jsonl"))
     if not files:
         raise InputError(folder, "no <task>.jsonl files in the suite folder")
-    return {f.stem: read_completion_file(f, validation_size, seed, template) for f in files}
+    return {f.stem: read_completion_file(f, validation_size, template) for f in files}

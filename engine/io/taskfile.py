@@ -2,17 +2,20 @@
 
 Each line is a JSON object {"text": str, "label": str | int, "split": "train" | "validation" |
 "test"}. Class ids: integer labels are their own ids; string labels are numbered in sorted
-order of the names seen in train and validation. When a file has no validation rows, a
-validation set is carved from train with a fixed seed. A file with no "split" field at all is a
-validation-only file (every row is validation). Bad files are refused with the file and line:
-invalid UTF-8 or JSON, a missing field, an unknown split, an empty split, a label seen only in
-test, labels mixing ints and strings.
+order of the names seen in train and validation. When a file has no validation rows,
+`CARVED_VALIDATION` rows (at most a quarter of train) are carved from train with a fixed seed:
+the carve is a property of the file alone (never of a merge's seed or validation size), so the
+experts fine-tuned on its train split and a merge that learns on its validation split never
+share an example. Write validation rows to give a merge a larger pool to draw from. A file with
+no "split" field at all is a validation-only file (every row is validation). Bad files are
+refused with the file and line: invalid UTF-8 or JSON, a missing field, an unknown split, an
+empty split, a label seen only in test, labels mixing ints and strings.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,6 +24,8 @@ import torch
 from supermerge.errors import InputError
 
 SPLITS = ("train", "validation", "test")
+CARVED_VALIDATION = 32  # rows carved from train when a file has no validation rows (the paper's 32)
+_CARVE_SEED = 0
 T = TypeVar("T")
 
 
@@ -84,12 +89,11 @@ def parse_lines(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def assign_splits(
-    path: Path, rows: list[tuple[dict, T]], validation_size: int, seed: int
-) -> dict[str, list[T]]:
+def assign_splits(path: Path, rows: list[tuple[dict, T]], validation_size: int) -> dict[str, list[T]]:
     """Examples by split, from (JSON row, example) pairs in file order (each example has a `line`): rows
     name their split, or none does (then all are validation); validation is carved from train
-    (`validation_size` examples, seeded) when a file with splits has none."""
+    (`validation_size` examples but at most a quarter of train, with a fixed seed) when a file
+    with splits has none."""
     has_splits = any("split" in row for row, _ in rows)
     splits: dict[str, list[T]] = {s: [] for s in SPLITS}
     for row, example in rows:
@@ -109,9 +113,9 @@ def assign_splits(
         if not splits["validation"]:
             if len(splits["train"]) < 2:
                 raise InputError(path, "too few train examples to carve a validation set from")
-            size = min(validation_size, len(splits["train"]) - 1)
+            size = min(validation_size, max(1, len(splits["train"]) // 4))
             order = torch.randperm(
-                len(splits["train"]), generator=torch.Generator().manual_seed(seed)
+                len(splits["train"]), generator=torch.Generator().manual_seed(_CARVE_SEED)
             ).tolist()
             carved = set(order[:size])
             splits["validation"] = [e for i, e in enumerate(splits["train"]) if i in carved]
@@ -121,15 +125,41 @@ def assign_splits(
     return splits
 
 
+def validation_subset(n: int, size: int, seed: int) -> list[int]:
+    """The indices a merge with `seed` keeps of a validation split of n rows: a seeded random
+    subset of min(n, size), ascending (every row when n <= size)."""
+    if n <= size:
+        return list(range(n))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values.tolist()
+
+
+def draw_validation(tasks: dict[str, T], size: int, seed: int) -> dict[str, T]:
+    """The tasks (TaskFile or io.completions' CompletionTaskFile) as a merge with
+    `validation_size` `size` and `seed` sees them: `validation` the rows it learns from
+    (`validation_subset`), `dev` the rest of the validation pool (empty when the pool has no more
+    than `size` rows): labelled data that neither the experts nor the merge trained on, for
+    choosing between merges."""
+    drawn = {}
+    for name, task in tasks.items():
+        pool = task.splits["validation"]
+        keep = set(validation_subset(len(pool), size, seed))
+        splits = task.splits | {
+            "validation": [e for i, e in enumerate(pool) if i in keep],
+            "dev": [e for i, e in enumerate(pool) if i not in keep],
+        }
+        drawn[name] = replace(task, splits=splits)
+    return drawn
+
+
 def read_task_file(
-    path: str | Path, validation_size: int = 32, seed: int = 0, labelled: bool = True
+    path: str | Path, validation_size: int = CARVED_VALIDATION, labelled: bool = True
 ) -> TaskFile:
     """Read and check one task file (see the module docstring).
 
     Args:
         path: the JSONL file.
-        validation_size: examples carved from train when the file has no validation rows.
-        seed: seeds the carving.
+        validation_size: examples carved from train when the file has no validation rows (every
+            reader of one file must carve alike: keep the default outside tests).
         labelled: whether every row must have a label.
     """
     path = Path(path)
@@ -146,7 +176,7 @@ def read_task_file(
         if isinstance(label, int) and label < 0:
             raise InputError(path, f"line {number}: negative label {label}")
         examples.append((row, Example(row["text"], label, number)))
-    splits = assign_splits(path, examples, validation_size, seed)
+    splits = assign_splits(path, examples, validation_size)
     return TaskFile(path.stem, path, _classes(path, splits, labelled), splits)
 
 
@@ -168,10 +198,10 @@ def _classes(path: Path, splits: dict[str, list[Example]], labelled: bool) -> li
     return sorted(seen)
 
 
-def read_suite(folder: str | Path, validation_size: int = 32, seed: int = 0) -> dict[str, TaskFile]:
+def read_suite(folder: str | Path, validation_size: int = CARVED_VALIDATION) -> dict[str, TaskFile]:
     """Every `<task>.jsonl` of a folder, by task name."""
     folder = Path(folder)
     files = sorted(folder.glob("*.jsonl"))
     if not files:
         raise InputError(folder, "no <task>.jsonl files in the suite folder")
-    return {f.stem: read_task_file(f, validation_size, seed) for f in files}
+    return {f.stem: read_task_file(f, validation_size) for f in files}

@@ -10,7 +10,9 @@ Formats (the `data:` field of an expert in the YAML):
 - `.jsonl` for `model.kind: hf_causal_lm`: the generative format of `supermerge.io.completions`
   (prompt, completion, choices), encoded by `supermerge.learned.lm_inputs`; the completion tokens
   are the targets, so there are no separate labels.
-At most `size` examples are kept per task (a seeded random subset; the paper uses 32). Text
+At most `size` examples of a file's validation split are kept per task (a subset drawn with the
+merge's seed; the paper uses 32); a file without validation rows has `CARVED_VALIDATION` carved
+from train, the same rows its expert was not fine-tuned on, whatever the seed. Text
 examples are ordered by token length, so that micro-batches cut to their longest example
 (`TaskData.batches`) carry little padding; a step sums over every example, so order is free.
 """
@@ -28,7 +30,7 @@ from safetensors.torch import load_file
 from supermerge.errors import InputError
 from supermerge.io.checkpoint import Tensors
 from supermerge.io.completions import Template, read_completion_file
-from supermerge.io.taskfile import read_task_file
+from supermerge.io.taskfile import read_task_file, validation_subset
 from supermerge.learned.lm_inputs import collate, encode, pad_id
 
 
@@ -128,13 +130,6 @@ class TaskData:
             )
 
 
-def _subset(n: int, size: int, seed: int) -> torch.Tensor:
-    """Indices of a seeded random subset of min(n, size) of range(n), in ascending order."""
-    if n <= size:
-        return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
-
-
 def load_tensor_data(path: Path, task: str, size: int, seed: int, labelled: bool) -> TaskData:
     """Read `x` (and `y`) from a .pt or .safetensors file."""
     try:
@@ -152,7 +147,7 @@ def load_tensor_data(path: Path, task: str, size: int, seed: int, labelled: bool
         raise InputError(path, f"'y' must be integer labels of shape [{x.shape[0]}], got {tuple(y.shape)}")
     if x.shape[0] == 0:
         raise InputError(path, f"no validation examples for task '{task}'")
-    keep = _subset(x.shape[0], size, seed)
+    keep = validation_subset(x.shape[0], size, seed)
     return TaskData(task, path, {"x": x[keep]}, None if y is None else y[keep].long())
 
 
@@ -166,10 +161,11 @@ def load_jsonl_data(
     max_length: int,
     label2id: dict[str, int] | None = None,
 ) -> TaskData:
-    """The validation split of a task file (supermerge.io.taskfile), subset to `size`, tokenised."""
-    task_file = read_task_file(path, validation_size=size, seed=seed, labelled=labelled)
+    """The validation split of a task file (supermerge.io.taskfile): `size` rows drawn with `seed`,
+    tokenised."""
+    task_file = read_task_file(path, labelled=labelled)
     examples = task_file.splits["validation"]
-    keep = _subset(len(examples), size, seed).tolist()
+    keep = validation_subset(len(examples), size, seed)
     labels = None
     if labelled:
         ids = task_file.label_ids("validation", label2id)
@@ -197,8 +193,8 @@ def load_completion_data(
 ) -> TaskData:
     """The validation split of a generative task file (supermerge.io.completions), subset to
     `size`, encoded as prompt + completion (supermerge.learned.lm_inputs), ordered by length."""
-    examples = read_completion_file(path, size, seed, template).splits["validation"]
-    keep = _subset(len(examples), size, seed).tolist()
+    examples = read_completion_file(path, template=template).splits["validation"]
+    keep = validation_subset(len(examples), size, seed)
     encoded = [encode(tokenizer, examples[i].prompt, examples[i].completion, max_length, chat) for i in keep]
     encoded.sort(key=lambda e: len(e[0]))
     return TaskData(task, path, collate(encoded, pad_id(tokenizer)), None)

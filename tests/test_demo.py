@@ -43,7 +43,7 @@ def test_llm_demo_runs_every_method_on_tiny_causal_lms(tmp_path: Path, capsys, m
 
     monkeypatch.setattr(builtin, "build_builtin_suite", no_builtin)
     grids = {"average": [{}], "task_arithmetic": [{"lambda": 0.3}, {"lambda": 1.0}]}
-    settings = LLMDemoSettings(24, 8, 1, 1e-3, 4, 96, _learned(2, 0.1, 4, quick=True), grids)
+    settings = LLMDemoSettings(24, 8, 1, 1e-3, 4, 96, _learned(2, 0.1, quick=True), grids)
     base = tiny_lm(tmp_path / "base", 0)
     suite = llm_demo_suite(tmp_path / "cache", True, False, settings, base, write_source(tmp_path / "src"))
     results = run_demo(tmp_path / "demo", progress=False, suite=suite)
@@ -73,7 +73,7 @@ def test_llm_demo_merges_lora_experts_with_every_method(tmp_path: Path, capsys, 
 
     monkeypatch.setattr(builtin, "build_builtin_suite", no_builtin)
     grids = {"task_arithmetic": [{"lambda": 1.0}], "ties": [{"density": 0.5, "lambda": 1.0}]}
-    settings = LLMDemoSettings(24, 8, 1, 1e-3, 4, 96, _learned(2, 0.1, 4, quick=True), grids, 1e-2, 2)
+    settings = LLMDemoSettings(24, 8, 1, 1e-3, 4, 96, _learned(2, 0.1, quick=True), grids, 1e-2, 2)
     base = tiny_lm(tmp_path / "base", 0)
     suite = llm_demo_suite(
         tmp_path / "cache", True, False, settings, base, write_source(tmp_path / "src"), lora=True

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from supermerge.demo.run import PICKED, DemoSuite, drawn_split, expert_entries
+from supermerge.demo.run import PICKED, DemoSuite, drawn_split, expert_entries, with_validation_size
 from supermerge.io.completions import CompletionTaskFile, Template
 
 
@@ -33,7 +33,7 @@ class LLMDemoSettings:
         lora_lr, lora_rank: the learning rate and rank of LoRA experts (the `lora` demo).
         validation_size: validation examples per task (learned merges and picking on validation).
         max_length: tokens per prompt + completion.
-        learned: label -> `method:` block of each learned merge.
+        learned: label -> `method:` block of each learned merge (its validation_size is the one above).
         grids: training-free method -> candidate parameters.
     """
 
@@ -49,8 +49,8 @@ class LLMDemoSettings:
     lora_rank: int = 16
 
 
-def _learned(steps: int, lr: float, validation_size: int, quick: bool) -> dict[str, dict]:
-    common = {"batch_size": 8, "validation_size": validation_size, "lr": lr, "steps": steps}
+def _learned(steps: int, lr: float, quick: bool) -> dict[str, dict]:
+    common = {"batch_size": 8, "lr": lr, "steps": steps}
     supermerge = {"name": "supermerge", **common}
     learned = {"adamerging": {"name": "adamerging", **common, "lr": lr / 10}}
     objectives = ("cross_entropy", "distill") if quick else ("cross_entropy", "distill", "entropy")
@@ -71,8 +71,8 @@ QUICK_GRIDS = {
     "ties": [{"density": 0.2, "lambda": 1.0}],
     "dare_ties": [{"density": 0.5, "lambda": 1.0, "normalize": True}],
 }
-LLM_REAL = LLMDemoSettings(240, 60, 1, 1e-4, 16, 96, _learned(8, 0.1, 16, quick=False), GRIDS)
-LLM_QUICK = LLMDemoSettings(96, 32, 1, 1e-4, 8, 96, _learned(5, 0.1, 8, quick=True), QUICK_GRIDS)
+LLM_REAL = LLMDemoSettings(240, 60, 1, 1e-4, 16, 96, _learned(8, 0.1, quick=False), GRIDS)
+LLM_QUICK = LLMDemoSettings(96, 32, 1, 1e-4, 8, 96, _learned(5, 0.1, quick=True), QUICK_GRIDS)
 
 
 def llm_demo_suite(
@@ -159,7 +159,7 @@ def lm_experts_suite(
         label: method | {"targets_cache": str(cache / "distill_targets")}
         if method.get("objective") in ("distill", PICKED)
         else method
-        for label, method in settings.learned.items()
+        for label, method in with_validation_size(settings.learned, settings.validation_size).items()
     }
     suite = DemoSuite(title, config, accuracy, experts, learned, settings.grids)
     suite.timings = timings

@@ -219,12 +219,17 @@ def encoder_experts_suite(
         chosen = drawn_split(tasks, split, settings.validation_size, seed)
         return evaluate_model(model_dir, chosen, split, max_length=settings.max_length, progress=False)
 
-    learned = {
-        label: m | {"validation_size": settings.validation_size} for label, m in settings.learned.items()
-    }
-    suite = DemoSuite(title, config, accuracy, experts, learned)
+    suite = DemoSuite(
+        title, config, accuracy, experts, with_validation_size(settings.learned, settings.validation_size)
+    )
     suite.timings = timings
     return suite
+
+
+def with_validation_size(learned: dict[str, dict], size: int) -> dict[str, dict]:
+    """The learned `method:` blocks, each learning from `size` validation examples per task (the
+    rows `drawn_split` scores as "validation")."""
+    return {label: method | {"validation_size": size} for label, method in learned.items()}
 
 
 def drawn_split(tasks: dict, split: str, size: int, seed: int) -> dict:

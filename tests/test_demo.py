@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from supermerge.cli import main
 
 
@@ -28,6 +30,14 @@ def test_demo_runs_every_method_and_supermerge_wins(tmp_path: Path, capsys, monk
     stages = {k: v for k, v in results["seconds"].items() if k != "total"}  # each timed where it ran
     assert set(stages) == {"suite", *mean} and all(v >= 0 for v in stages.values())
     assert sum(stages.values()) <= results["seconds"]["total"]
+
+
+@pytest.mark.parametrize("seeds", ["0", "-1"])
+def test_demo_refuses_fewer_than_one_seed_before_any_work(tmp_path: Path, capsys, monkeypatch, seeds) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "demo", "--toy", "--seeds", seeds]) == 2
+    assert f"--seeds: at least 1, got {seeds}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no workdir, no suite
 
 
 def test_llm_demo_runs_every_method_on_tiny_causal_lms(tmp_path: Path, capsys, monkeypatch) -> None:

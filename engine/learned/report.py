@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+def _pyplot() -> ModuleType:
+    """pyplot on the headless backend, imported when a picture is drawn (about 0.5 s: every rank
+    imports this module, only the leader draws)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_heatmap(
@@ -16,6 +23,7 @@ def plot_heatmap(
 ) -> None:
     """Tasks x coefficient-columns heatmap of tanh(W) in [-1, 1] (diverging colours)."""
     width = min(max(6.0, 2 + 0.12 * len(columns)), 40)
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(width, max(3.0, 1.6 + 0.4 * len(rows))))
     image = ax.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
     ax.set_yticks(range(len(rows)), rows)
@@ -31,6 +39,7 @@ def plot_heatmap(
 
 def plot_losses(path: Path, curves: dict[str, list[dict[str, float]]]) -> None:
     """Per-task loss over steps, one panel per trained node (flat runs have one)."""
+    plt = _pyplot()
     fig, axes = plt.subplots(len(curves), 1, figsize=(7, 2.6 * len(curves)), squeeze=False)
     for ax, (node, losses) in zip(axes[:, 0], curves.items(), strict=True):
         for task in losses[0] if losses else []:
@@ -49,6 +58,7 @@ def plot_accuracy_bars(path: Path, accuracy: dict[str, dict[str, float]], title:
     methods = list(accuracy)
     tasks = list(next(iter(accuracy.values())))
     width = 0.8 / len(tasks)
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(methods)), 3.5))
     for j, task in enumerate(tasks):
         xs = [i + (j - (len(tasks) - 1) / 2) * width for i in range(len(methods))]

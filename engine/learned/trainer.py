@@ -35,6 +35,7 @@ from supermerge.distributed.comm import Comm
 from supermerge.errors import SupermergeError
 from supermerge.io.atomic import atomic_file
 from supermerge.io.checkpoint import Tensors
+from supermerge.learned.adam import Adam
 from supermerge.learned.body import Body
 from supermerge.learned.data import Batch, TaskData, TopK
 from supermerge.learned.objectives import resolve_objective
@@ -98,7 +99,7 @@ class CoefficientTrainer:
         self.comm = comm if comm is not None else Comm(None, [0], 0)
         self.objective = resolve_objective(cfg.objective, cfg.temperature)
         self.state_path = state_path
-        self.optimizer = torch.optim.Adam([body.w], lr=cfg.lr)
+        self.optimizer = Adam(body.w, lr=cfg.lr)
         self.device = body.w.device
 
     def _my_batches(self, tasks: list[Task]) -> Iterator[tuple[int, Task, Batch, bool]]:
@@ -175,9 +176,12 @@ class CoefficientTrainer:
                 f"{self.state_path}: saved training state was made with other settings "
                 "(tasks, coefficient layout or optimiser); start over with --overwrite"
             )
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except SupermergeError as e:
+            raise SupermergeError(f"{self.state_path}: {e}; start over with --overwrite") from None
         with torch.no_grad():
             self.body.w.copy_(state["w"])
-        self.optimizer.load_state_dict(state["optimizer"])
         history = History(**state["history"])
         log.info("resumed from %s at step %d", self.state_path, state["step"])
         return state["step"], history, state["best"], state["stale"]
@@ -206,7 +210,7 @@ class CoefficientTrainer:
         while step < self.cfg.steps and not history.stopped_early:
             self.comm.step = step + 1
             _maybe_die_for_test(self.comm.global_rank, step + 1)
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad()
             losses = self.losses_and_grad()
             self._check_finite(step + 1, losses)
             self.optimizer.step()

@@ -93,11 +93,10 @@ def test_plan_refuses_task_groups_that_do_not_divide_the_ranks() -> None:
 @pytest.mark.parametrize(
     ("launcher", "ranks", "kind", "distributed"),
     [
-        ("torchrun", 2, "flat", {}),
+        # a plain 2-rank torchrun flat merge runs in the slurm test (launch/slurm_torchrun.sbatch)
         ("torchrun", 4, "flat", {"task_groups": 2}),
         ("torchrun", 2, "tree", {}),
         ("torchrun", 4, "tree", {}),
-        ("deepspeed", 2, "flat", {}),
         ("deepspeed", 2, "tree", {}),
         ("accelerate", 2, "flat", {}),
         ("torchrun", 2, "flat", {"gather": "layer"}),
@@ -192,7 +191,7 @@ def test_communication_per_step_does_not_grow_with_k(gather: str, toy, tmp_path:
     once per micro-batch pass, and k tasks bring k validation sets (4 micro-batches each here, 2k
     passes per rank): its traffic per pass is the same for every k."""
     measured = {}
-    for k in (2, 4, 8):
+    for k in (2, 8):
         experts = perturbed_experts(toy, tmp_path / f"experts{k}", k)
         config = write_config(tmp_path, toy, f"k{k}", experts, steps=2, distributed={"gather": gather})
         assert_clean_success(run_job("torchrun", 2, config))
@@ -202,15 +201,15 @@ def test_communication_per_step_does_not_grow_with_k(gather: str, toy, tmp_path:
     tensor_traffic = {
         k: {t: b / passes[k] for t, b in m.items() if t not in ("dW", "loss")} for k, m in measured.items()
     }
-    assert tensor_traffic[2] == tensor_traffic[4] == tensor_traffic[8], measured
+    assert tensor_traffic[2] == tensor_traffic[8], measured
     assert tensor_traffic[2]["merged"] > 0 and tensor_traffic[2]["grad"] > 0
     # dW is the k x G floats of W, the one term that grows with k (a 2-rank all_reduce sends it once)
     columns = 8
-    assert [measured[k]["dW"] for k in (2, 4, 8)] == [k * columns * 4 for k in (2, 4, 8)]
+    assert [measured[k]["dW"] for k in (2, 8)] == [k * columns * 4 for k in (2, 8)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("resume_ranks", "gather"), [(1, "body"), (2, "body"), (2, "layer")])
+@pytest.mark.parametrize(("resume_ranks", "gather"), [(1, "body"), (2, "layer")])
 def test_killed_rank_stops_the_job_with_its_name_and_resume_finishes_it(
     resume_ranks: int, gather: str, toy, tmp_path: Path
 ) -> None:

@@ -88,7 +88,7 @@ def test_a_merge_killed_at_random_moments_leaves_nothing_or_a_complete_output(
     full_s = run_to_end(merge_command(config))
     reference = {n: Checkpoint(output).read(n) for n in Checkpoint(output).names}
     rng = random.Random(seed)
-    for kill in range(10):
+    for kill in range(5):  # five moments per run; each CI run draws new ones (its seed)
         after = rng.uniform(0.0, full_s)
         run_and_kill(merge_command(config, "--overwrite"), after)
         if output.exists():  # complete: every tensor there, as the uninterrupted run wrote it

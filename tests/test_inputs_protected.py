@@ -155,3 +155,28 @@ def test_a_tampered_run_state_is_refused_without_running_its_code(capsys, toy, t
     err = refused(capsys, "merge", str(tmp_path / "m.yaml"), "--resume")
     assert "root.state.pt: not a training state this version reads safely" in err
     assert not marker.exists() and not (tmp_path / "merged").exists()
+
+
+def test_a_run_state_saved_with_torch_optims_adam_is_refused_on_resume_and_kept(
+    capsys, toy, tmp_path: Path, monkeypatch
+) -> None:
+    """A state from before learned/adam.py (torch.optim.Adam's state_dict) is named and refused."""
+    tasks = list(toy.experts)
+    monkeypatch.setattr(hooks, "calls", 0)
+    monkeypatch.setattr(hooks, "NAN_FROM_CALL", 5 * len(tasks) + 1)  # a checkpoint at step 4 is left
+    method = {"objective": "tests.hooks:nan_later", "validation_size": 16, "batch_size": 16}
+    doc = toy_doc(tmp_path, toy, steps=10, checkpoint_every=2, **method)
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(doc))
+    refused(capsys, "merge", str(tmp_path / "m.yaml"))
+    path = tmp_path / "merged.run" / "root.state.pt"
+    state = torch.load(path, weights_only=True)
+    w = state["w"].clone().requires_grad_()
+    w.grad = torch.ones_like(w)
+    old = torch.optim.Adam([w], lr=0.05)
+    old.step()
+    torch.save(state | {"optimizer": old.state_dict()}, path)
+    before = tree_hashes(path)
+    err = refused(capsys, "merge", str(tmp_path / "m.yaml"), "--resume")
+    assert "root.state.pt: the saved Adam state has fields ['param_groups', 'state']" in err, err
+    assert "start over with --overwrite" in err
+    assert tree_hashes(path) == before and not (tmp_path / "merged").exists()

@@ -1,8 +1,9 @@
 """Build the DeepSpeed ops the tests load (shm comm, pin_memory, async_io) into TORCH_EXTENSIONS_DIR.
 
 .ci/run starts this in the background while the tests begin: on a fresh machine the three JIT
-builds take 8-15 min of compiler time on 2 cores, and the tests leave about a third of the CPU
-idle. A test that needs an op before it is ready waits on torch's build lock; none builds twice.
+builds take about 700 s of compiler time (400 s of wall time alone on 2 cores), and the tests
+leave about a third of the CPU idle. A test that needs an op before it is ready waits on torch's
+build lock; none builds twice.
 """
 
 from __future__ import annotations

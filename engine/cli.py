@@ -462,7 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="four toy experts with a known best merge (seconds, no downloads) instead of the real suite",
     )
-    demo.add_argument("--quick", action="store_true", help="the real suite on 3 tasks, fewer steps (~5 min)")
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help="the real suite on 3 tasks, smaller experts, no distill row (~5 min)",
+    )
     demo.add_argument(
         "--llm",
         action="store_true",

@@ -177,7 +177,8 @@ def finetune_suite(
         if out.is_dir():
             log.info("expert %s: cached at %s", name, out)
         else:
-            log.info("expert %s: fine-tuning on %d examples", name, len(task.splits["train"]))
+            size = len(task.splits["train"])
+            log.info("expert %s: fine-tuning on %d examples", name, min(size, cfg.train_size or size))
             train(task, out)
         experts[name] = out
     return experts

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from supermerge.demo.run import PICKED, DemoSuite, drawn_split, expert_entries, with_validation_size
+from supermerge.demo.run import DemoSuite, drawn_split, expert_entries, with_validation_size
 from supermerge.io.completions import CompletionTaskFile, Template
 
 
@@ -55,7 +55,7 @@ def _learned(steps: int, lr: float, quick: bool) -> dict[str, dict]:
     learned = {"adamerging": {"name": "adamerging", **common, "lr": lr / 10}}
     objectives = ("cross_entropy", "distill") if quick else ("cross_entropy", "distill", "entropy")
     learned |= {f"supermerge ({o})": supermerge | {"objective": o} for o in objectives}
-    learned["supermerge (tree, g=2)"] = supermerge | {"objective": PICKED, "group_size": 2}
+    learned["supermerge (tree, g=2)"] = supermerge | {"group_size": 2}
     return learned
 
 
@@ -157,7 +157,7 @@ def lm_experts_suite(
         config["model"] |= {"prompt_template": template.prompt, "completion_template": template.completion}
     learned = {
         label: method | {"targets_cache": str(cache / "distill_targets")}
-        if method.get("objective") in ("distill", PICKED)
+        if method.get("objective") == "distill"
         else method
         for label, method in with_validation_size(settings.learned, settings.validation_size).items()
     }

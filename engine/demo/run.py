@@ -40,7 +40,6 @@ GRIDS = {
     "ties": [{"density": d, "lambda": lam} for d in (0.2, 0.5) for lam in (0.5, 1.0)],
     "dare_ties": [{"density": 0.5, "lambda": lam, "normalize": True} for lam in (0.5, 1.0)],
 }
-PICKED = "picked on validation"
 TOY_LEARNED = {
     "adamerging": {"name": "adamerging", "steps": 100, "lr": 0.05},
     "supermerge": {"name": "supermerge", "steps": 100, "lr": 0.05},
@@ -59,9 +58,7 @@ class DemoSuite:
             "validation" is the rows a merge with that seed learns from, "dev" the rest of the
             tasks' validation pools (an empty result when there is none), "test" the test split.
         experts: each expert's test accuracy on its own task.
-        learned: label -> `method:` block of each learned merge to run; a block whose objective is
-            `PICKED` takes the objective of the flat SuperMerge row with the best dev accuracy so
-            far (validation accuracy when the suite has no dev rows).
+        learned: label -> `method:` block of each learned merge to run.
         grids: training-free method -> its candidate parameters.
         timings: wall time of the stages run while building the suite (s).
     """
@@ -138,27 +135,33 @@ class RealDemoSettings:
     validation_size: int = 32
 
 
-def _learned(steps: int, tree_steps: int, lr: float) -> dict[str, dict]:
+def _learned(steps: int, tree_steps: int, lr: float, distill: bool = True) -> dict[str, dict]:
     common = {"batch_size": 8}  # micro-batches of similar lengths carry little padding
-    return {
+    learned = {
         "adamerging": {"name": "adamerging", "steps": steps, **common},
         "supermerge": {"name": "supermerge", "steps": steps, "lr": lr, **common},
         "supermerge (distill)": {
             "name": "supermerge", "steps": steps, "lr": lr, "objective": "distill", **common
         },
         "supermerge (tree, g=2)": {
-            "name": "supermerge", "steps": tree_steps, "lr": lr, "group_size": 2, "objective": PICKED,
-            **common,
+            "name": "supermerge", "steps": tree_steps, "lr": lr, "group_size": 2, **common
         },
     }  # fmt: skip
+    if not distill:
+        del learned["supermerge (distill)"]
+    return learned
 
 
 # Chosen on validation / dev accuracy only, never test: the evidence is in docs/demo_tuning.md.
 EXPERTS = FinetuneConfig(epochs=1, lr=2e-4, train_size=1000)
 REAL = RealDemoSettings(None, EXPERTS, 64, _learned(20, 20, 0.1))
-# quick: the 3 tasks with the shortest texts (fastest to train and merge), 300 train examples
+# quick: the 3 tasks with the shortest texts (fastest to train and merge), 300 train examples, and
+# the default objective only (each learned row is about a sixth of its 5 minutes)
 QUICK = RealDemoSettings(
-    ("verb", "noun", "langid"), FinetuneConfig(epochs=1, lr=2e-4, train_size=300), 64, _learned(20, 20, 0.1)
+    ("verb", "noun", "langid"),
+    FinetuneConfig(epochs=1, lr=2e-4, train_size=300),
+    64,
+    _learned(20, 20, 0.1, distill=False),
 )
 
 
@@ -283,8 +286,6 @@ def run_demo(workdir: str | Path, suite: DemoSuite, progress: bool = True) -> di
         log.info("%s: picked %s on validation", method, params)
     for label, method in suite.learned.items():
         stage = time.perf_counter()
-        if method.get("objective") == PICKED:
-            method = method | {"objective": _picked_objective(rows)}
         out = workdir / "merged" / label.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
         cfg = config_from_dict(suite.config | {"method": method, "output": str(out)}, workdir)
         summary = run_learned_merge(cfg, progress=progress)
@@ -323,14 +324,6 @@ def _mean(accuracy: dict[str, float]) -> float:
 def _dev(accuracy: dict[str, float]) -> dict:
     """A row's dev accuracy fields (none when the suite has no dev rows)."""
     return {"dev_accuracy": _mean(accuracy), "dev_accuracy_per_task": accuracy} if accuracy else {}
-
-
-def _picked_objective(rows: dict[str, dict]) -> str:
-    """The objective of the flat learned row (one with an objective and no tree) that has the best
-    dev accuracy (held out from every merge), else validation accuracy (what it learned from)."""
-    flat = [r for r in rows.values() if "objective" in r["params"] and not r["params"].get("group_size")]
-    key = "dev_accuracy" if all("dev_accuracy" in r for r in flat) else "validation_accuracy"
-    return max(flat, key=lambda r: r[key])["params"]["objective"]
 
 
 def _row(params: dict, accuracy: dict[str, float], summary: MergeSummary) -> dict:

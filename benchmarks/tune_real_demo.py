@@ -9,6 +9,11 @@ test split is never read. Every number printed here is validation or dev accurac
     python benchmarks/tune_real_demo.py sweep --epochs 2 --lr 1e-4 --merge-lr 0.01 0.03 0.1 --steps 60
     python benchmarks/tune_real_demo.py demo --epochs 2 --lr 1e-4     # the whole demo on dev
 
+`pool` instead uses the demo's own experts and validation draws, scored on the pool rows each seed
+did not draw (the demo's dev column; the test split is not read there either):
+
+    python benchmarks/tune_real_demo.py pool --seeds 0 1 2 --schedule constant cosine --tail 5
+
 Outputs go under runs/tune/ (experts cached under runs/tune/cache/experts).
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -75,14 +81,16 @@ def _fmt(acc: dict[str, float]) -> str:
 class DevEval:
     """Dev accuracy of in-memory merged weights (no folder written)."""
 
-    def __init__(self, lm, tasks: dict[str, TaskFile], max_length: int) -> None:
+    def __init__(self, lm, tasks: dict[str, TaskFile], max_length: int, split: str = "test") -> None:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(lm.source.base.path)
         self.lm, self.batches = lm, {}
         for name in lm.tasks:
-            examples = tasks[name].splits["test"]
-            labels = torch.tensor(tasks[name].label_ids("test"))
+            examples = tasks[name].splits[split]
+            if not examples:
+                continue
+            labels = torch.tensor(tasks[name].label_ids(split))
             enc = tok([e.text for e in examples], truncation=True, max_length=max_length)
             order = sorted(range(len(examples)), key=lambda i: len(enc["input_ids"][i]))
             fields = ("input_ids", "token_type_ids")
@@ -141,7 +149,7 @@ def cmd_sweep(args, tasks) -> None:
                 print(f"{label} step 0: val acc {_mean(trainer.accuracy()):.3f} dev {_fmt(acc)}", flush=True)
                 start = time.perf_counter()
                 for step in range(1, args.steps + 1):
-                    trainer.optimizer.zero_grad(set_to_none=True)
+                    trainer.optimizer.zero_grad()
                     losses = trainer.losses_and_grad()
                     trainer.optimizer.step()
                     if step % args.every == 0 or step == args.steps:
@@ -151,6 +159,96 @@ def cmd_sweep(args, tasks) -> None:
                         print(f"{label} step {step}: val loss {_mean(losses):.4f} val acc {val:.3f} "
                               f"dev {_fmt(acc)} ({secs:.0f} s)", flush=True)  # fmt: skip
                         start = time.perf_counter()
+
+
+def cmd_pool(args, _tasks) -> None:
+    """The demo's own experts and validation draws; dev = the pool rows the seed did not draw.
+
+    Per seed and learning rate: SuperMerge (cross entropy) with a constant or cosine-decayed lr,
+    each task's loss as it is or (`--balance expert`) divided by its expert's loss on the same
+    rows (which no expert trained on), floored at `--floor`; dev accuracy every `--every` steps,
+    and of the coefficients tanh(W) averaged over the last `--tail` steps (tail averaging)."""
+    from supermerge.demo.run import REAL, drawn_split, expert_entries
+    from supermerge.learned.body import MergedBody
+    from supermerge.learned.coefficients import CoefficientLayout
+    from supermerge.learned.trainer import CoefficientTrainer
+    from supermerge.learned_merge import load_inputs
+    from supermerge.methods.learned import TrainConfig
+    from supermerge.taskvectors.source import TaskVectorSource
+    from supermerge.taskvectors.store import TaskVectorStore
+
+    cache = Path("runs/cache").resolve()
+    tasks = read_suite(build_builtin_suite(cache, progress=False))
+    paths = finetune_suite(default_base(), tasks, cache, REAL.finetune, progress=False)
+    for seed in args.seeds:
+        config = {
+            "base": str(default_base()),
+            "experts": expert_entries(paths, tasks),
+            "model": {"kind": "hf_encoder", "max_length": REAL.max_length},
+            "heads": [f"{HEAD}.*"],
+            "method": {"name": "supermerge", "validation_size": args.validation_size},
+            "output": "sweep-out",
+            "seed": seed,
+        }
+        lm = load_inputs(config_from_dict(config, ROOT), torch.device("cpu"))
+        dev = DevEval(lm, drawn_split(tasks, "dev", args.validation_size, seed), REAL.max_length, "dev")
+        source = TaskVectorSource(lm.source.base, list(lm.source.experts), lm.cfg.heads)
+        store = TaskVectorStore.build(source, torch.float32, lm.device, False)
+        layout = CoefficientLayout.build(store.names, "tensor", [])
+        cfg = TrainConfig(steps=args.steps, lr=args.merge_lr[0], batch_size=8, objective="cross_entropy")
+        weights = None
+        if args.balance == "expert":
+            reference = expert_losses(CoefficientTrainer(MergedBody(store, layout, 0.3), lm.model,
+                                                         list(lm.tasks.values()), lm.fixed, cfg))  # fmt: skip
+            weights = [1 / max(loss, args.floor) for loss in reference.values()]
+            weights = [w * len(weights) / sum(weights) for w in weights]
+            print(f"seed={seed} expert losses {_fmt(reference)}; task weights {weights}", flush=True)
+        for lr in args.merge_lr:
+            for schedule in args.schedule:
+                body = MergedBody(store, layout, 0.3)
+                cfg = TrainConfig(steps=args.steps, lr=lr, batch_size=8, objective="cross_entropy")
+                trainer = CoefficientTrainer(body, lm.model, list(lm.tasks.values()), lm.fixed, cfg)
+                if weights is not None:
+                    weigh_tasks(trainer, weights)
+                label = f"seed={seed} lr={lr} {schedule} balance={args.balance}"
+                tail = []
+                for step in range(1, args.steps + 1):
+                    if schedule == "cosine":
+                        trainer.optimizer.lr = lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.steps))
+                    trainer.optimizer.zero_grad()
+                    trainer.losses_and_grad()
+                    trainer.optimizer.step()
+                    if step > args.steps - args.tail:
+                        tail.append(body.coefficients())
+                    if step % args.every == 0:
+                        print(f"{label} step {step}: dev {_fmt(dev(body.merged_tensors()))}", flush=True)
+                with torch.no_grad():
+                    body.w.copy_(torch.atanh(torch.stack(tail).mean(0).clamp(-0.999999, 0.999999)))
+                print(f"{label} tail {args.tail}: dev {_fmt(dev(body.merged_tensors()))}", flush=True)
+
+
+def expert_losses(trainer) -> dict[str, float]:
+    """Each task's loss under its own expert (W: coefficient ~1 on its task vector, 0 elsewhere)."""
+    losses = {}
+    for i, task in enumerate(trainer.tasks):
+        with torch.no_grad():
+            trainer.body.w.zero_()
+            trainer.body.w[i] = math.atanh(1 - 1e-6)
+        losses[task.name] = trainer.losses_and_grad()[task.name]
+    return losses
+
+
+def weigh_tasks(trainer, weights: list[float]) -> None:
+    """Scale task t's loss by weights[t] in `trainer`'s objective (the engine weighs tasks alike)."""
+    batches, objective, current = trainer._my_batches, trainer.objective, [0]
+
+    def my_batches(tasks):
+        for t, *rest in batches(tasks):
+            current[0] = t
+            yield (t, *rest)
+
+    trainer._my_batches = my_batches
+    trainer.objective = lambda logits, targets: weights[current[0]] * objective(logits, targets)
 
 
 def _mean(d: dict[str, float]) -> float:
@@ -178,7 +276,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("mode", choices=["experts", "sweep", "demo"])
+    parser.add_argument("mode", choices=["experts", "sweep", "demo", "pool"])
     parser.add_argument("--epochs", type=int, nargs="+", default=[1])
     parser.add_argument("--lr", type=float, nargs="+", default=[1e-4])
     parser.add_argument("--tasks", nargs="*")
@@ -190,10 +288,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--validation-size", type=int, default=32)
+    parser.add_argument("--schedule", nargs="+", default=["constant"], choices=["constant", "cosine"])
+    parser.add_argument("--tail", type=int, default=5)
+    parser.add_argument("--balance", default="none", choices=["none", "expert"])
+    parser.add_argument("--floor", type=float, default=0.1)
     args = parser.parse_args()
     torch.manual_seed(0)
-    tasks = dev_suite(Path("runs/cache").resolve())
-    {"experts": cmd_experts, "sweep": cmd_sweep, "demo": cmd_demo}[args.mode](args, tasks)
+    tasks = None if args.mode == "pool" else dev_suite(Path("runs/cache").resolve())
+    {"experts": cmd_experts, "sweep": cmd_sweep, "demo": cmd_demo, "pool": cmd_pool}[args.mode](args, tasks)
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def _learned(steps: int, tree_steps: int, lr: float, distill: bool = True) -> di
 EXPERTS = FinetuneConfig(epochs=1, lr=2e-4, train_size=1000)
 REAL = RealDemoSettings(None, EXPERTS, 64, _learned(20, 20, 0.1))
 # quick: the 3 tasks with the shortest texts (fastest to train and merge), 300 train examples, and
-# the default objective only (each learned row is about a sixth of its 5 minutes)
+# the default objective only (each learned row takes about a minute of its 5)
 QUICK = RealDemoSettings(
     ("verb", "noun", "langid"),
     FinetuneConfig(epochs=1, lr=2e-4, train_size=300),

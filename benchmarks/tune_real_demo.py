@@ -13,6 +13,8 @@ test split is never read. Every number printed here is validation or dev accurac
 did not draw (the demo's dev column; the test split is not read there either):
 
     python benchmarks/tune_real_demo.py pool --seeds 0 1 2 --schedule constant cosine --tail 5
+    python benchmarks/tune_real_demo.py pool --seeds 0 1 2 --balance expert
+    python benchmarks/tune_real_demo.py pool --seeds 0 1 2 --bags 3
 
 Outputs go under runs/tune/ (experts cached under runs/tune/cache/experts).
 """
@@ -167,7 +169,8 @@ def cmd_pool(args, _tasks) -> None:
     Per seed and learning rate: SuperMerge (cross entropy) with a constant or cosine-decayed lr,
     each task's loss as it is or (`--balance expert`) divided by its expert's loss on the same
     rows (which no expert trained on), floored at `--floor`; dev accuracy every `--every` steps,
-    and of the coefficients tanh(W) averaged over the last `--tail` steps (tail averaging)."""
+    and of the coefficients tanh(W) averaged over the last `--tail` steps (tail averaging). With
+    `--bags B`: W averaged over B bootstrap resamples of the drawn rows instead (`bagged`)."""
     from supermerge.demo.run import REAL, drawn_split, expert_entries
     from supermerge.learned.body import MergedBody
     from supermerge.learned.coefficients import CoefficientLayout
@@ -203,6 +206,9 @@ def cmd_pool(args, _tasks) -> None:
             weights = [1 / max(loss, args.floor) for loss in reference.values()]
             weights = [w * len(weights) / sum(weights) for w in weights]
             print(f"seed={seed} expert losses {_fmt(reference)}; task weights {weights}", flush=True)
+        if args.bags:
+            bagged(args, seed, store, layout, lm, cfg, dev)
+            continue
         for lr in args.merge_lr:
             for schedule in args.schedule:
                 body = MergedBody(store, layout, 0.3)
@@ -225,6 +231,36 @@ def cmd_pool(args, _tasks) -> None:
                 with torch.no_grad():
                     body.w.copy_(torch.atanh(torch.stack(tail).mean(0).clamp(-0.999999, 0.999999)))
                 print(f"{label} tail {args.tail}: dev {_fmt(dev(body.merged_tensors()))}", flush=True)
+
+
+def bagged(args, seed: int, store, layout, lm, cfg, dev) -> None:
+    """W trained on `args.bags` bootstrap resamples of each task's drawn rows (seeded), then
+    the coefficients tanh(W) averaged over the bags: dev of each bag and of the average."""
+    from dataclasses import replace
+
+    from supermerge.learned.body import MergedBody
+    from supermerge.learned.trainer import CoefficientTrainer
+
+    coefficients = []
+    for bag in range(args.bags):
+        gen = torch.Generator().manual_seed(1000 * seed + bag)
+        tasks = []
+        for task in lm.tasks.values():
+            rows = torch.randint(len(task.data), (len(task.data),), generator=gen).sort().values
+            data = replace(task.data, inputs={k: v[rows] for k, v in task.data.inputs.items()},
+                           labels=task.data.labels[rows])  # fmt: skip
+            tasks.append(replace(task, data=data))
+        body = MergedBody(store, layout, 0.3)
+        trainer = CoefficientTrainer(body, lm.model, tasks, lm.fixed, cfg)
+        for _ in range(args.steps):
+            trainer.optimizer.zero_grad()
+            trainer.losses_and_grad()
+            trainer.optimizer.step()
+        coefficients.append(body.coefficients())
+        print(f"seed={seed} bag {bag}: dev {_fmt(dev(body.merged_tensors()))}", flush=True)
+    with torch.no_grad():
+        body.w.copy_(torch.atanh(torch.stack(coefficients).mean(0).clamp(-0.999999, 0.999999)))
+    print(f"seed={seed} average of {args.bags} bags: dev {_fmt(dev(body.merged_tensors()))}", flush=True)
 
 
 def expert_losses(trainer) -> dict[str, float]:
@@ -294,6 +330,7 @@ def main() -> None:
     parser.add_argument("--tail", type=int, default=5)
     parser.add_argument("--balance", default="none", choices=["none", "expert"])
     parser.add_argument("--floor", type=float, default=0.1)
+    parser.add_argument("--bags", type=int, default=0, help="pool: bootstrap resamples to average W over")
     args = parser.parse_args()
     torch.manual_seed(0)
     tasks = None if args.mode == "pool" else dev_suite(Path("runs/cache").resolve())

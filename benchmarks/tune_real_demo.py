@@ -12,9 +12,11 @@ test split is never read. Every number printed here is validation or dev accurac
 `pool` instead uses the demo's own experts and validation draws, scored on the pool rows each seed
 did not draw (the demo's dev column; the test split is not read there either):
 
-    python benchmarks/tune_real_demo.py pool --seeds 0 1 2 --schedule constant cosine --tail 5
-    python benchmarks/tune_real_demo.py pool --seeds 0 1 2 --balance expert
-    python benchmarks/tune_real_demo.py pool --seeds 0 1 2 --bags 3
+    python benchmarks/tune_real_demo.py pool --merge-lr 0.1 --steps 20 --schedule constant cosine --tail 5
+    python benchmarks/tune_real_demo.py pool --merge-lr 0.1 --steps 20 --balance expert
+    python benchmarks/tune_real_demo.py pool --merge-lr 0.1 --steps 20 --bags 3
+
+(--merge-lr and --steps default to the sweep's 0.01 and 60; the demo's are 0.1 and 20.)
 
 Outputs go under runs/tune/ (experts cached under runs/tune/cache/experts).
 """
@@ -228,8 +230,7 @@ def cmd_pool(args, _tasks) -> None:
                         tail.append(body.coefficients())
                     if step % args.every == 0:
                         print(f"{label} step {step}: dev {_fmt(dev(body.merged_tensors()))}", flush=True)
-                with torch.no_grad():
-                    body.w.copy_(torch.atanh(torch.stack(tail).mean(0).clamp(-0.999999, 0.999999)))
+                set_mean_coefficients(body, tail)
                 print(f"{label} tail {args.tail}: dev {_fmt(dev(body.merged_tensors()))}", flush=True)
 
 
@@ -251,16 +252,17 @@ def bagged(args, seed: int, store, layout, lm, cfg, dev) -> None:
                            labels=task.data.labels[rows])  # fmt: skip
             tasks.append(replace(task, data=data))
         body = MergedBody(store, layout, 0.3)
-        trainer = CoefficientTrainer(body, lm.model, tasks, lm.fixed, cfg)
-        for _ in range(args.steps):
-            trainer.optimizer.zero_grad()
-            trainer.losses_and_grad()
-            trainer.optimizer.step()
+        CoefficientTrainer(body, lm.model, tasks, lm.fixed, cfg).train(progress=False)
         coefficients.append(body.coefficients())
         print(f"seed={seed} bag {bag}: dev {_fmt(dev(body.merged_tensors()))}", flush=True)
+    set_mean_coefficients(body, coefficients)
+    print(f"seed={seed} average of {args.bags} bags: dev {_fmt(dev(body.merged_tensors()))}", flush=True)
+
+
+def set_mean_coefficients(body, coefficients: list[torch.Tensor]) -> None:
+    """Set W so that tanh(W) is the mean of `coefficients` (each [k, G], as `body.coefficients()`)."""
     with torch.no_grad():
         body.w.copy_(torch.atanh(torch.stack(coefficients).mean(0).clamp(-0.999999, 0.999999)))
-    print(f"seed={seed} average of {args.bags} bags: dev {_fmt(dev(body.merged_tensors()))}", flush=True)
 
 
 def expert_losses(trainer) -> dict[str, float]:
